@@ -1,0 +1,177 @@
+"""Synthetic checkpoints in the exact public Wan2.1 hub layout, with random weights.
+
+Nothing in tests or CI may download real weights, so every test, benchmark and the embedded demo start here. The
+files are byte-for-byte the formats the hub uses: the DiT as one or K safetensors shards (+ the index json), the
+T5, CLIP and VAE as torch state-dict ``.pth`` files, and a config.json with the hub's fields. Values are seeded per
+tensor name, so the same key gets the same values whatever the sharding or the order of writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from wanpack.convert.safetensors_io import PlannedTensor, ShardWriter, plan_shard, st_dtype
+from wanpack.errors import UsageError
+from wanpack.manifests.arch import (
+    CLIPConfig,
+    DiTConfig,
+    TensorSpec,
+    component_tensors,
+    dit_config,
+    encoder_config,
+)
+
+DIT_SINGLE = "diffusion_pytorch_model.safetensors"
+DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+HUB_FILES = {
+    "t5": "models_t5_umt5-xxl-enc-bf16.pth",
+    "clip": "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+    "vae": "Wan2.1_VAE.pth",
+}
+SOURCE_DTYPES = {"t5": torch.bfloat16, "clip": torch.float32, "vae": torch.float32}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dit_shard_name(i: int, k: int) -> str:
+    return f"diffusion_pytorch_model-{i:05d}-of-{k:05d}.safetensors"
+
+
+def random_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic values with sensible magnitudes: weights ~ N(0, 1/fan_in), norm gains near 1, small biases."""
+    digest = hashlib.sha256(f"{seed}:{spec.name}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    shape = spec.shape
+    name = spec.name
+    if name.endswith((".gamma", "norm_q.weight", "norm_k.weight", "norm_k_img.weight")) or (
+        len(shape) == 1 and "norm" in name and name.endswith(".weight")
+    ):
+        t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    elif len(shape) == 0:
+        t = torch.tensor(4.6052)  # CLIP's log_scale, ln(100)
+    elif name.endswith(".bias") or len(shape) == 1:
+        t = 0.02 * torch.randn(shape, generator=gen)
+    elif "modulation" in name or "embedding" in name and len(shape) == 3 and shape[0] == 1:
+        t = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+    else:
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+        t = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+    return t.to(dtype)
+
+
+def _chunks_by_bytes(specs: list[TensorSpec], k: int, itemsize: int) -> list[list[TensorSpec]]:
+    """Split key-sorted tensors into k consecutive groups of roughly equal bytes, as the hub's shards are."""
+    total = sum(math.prod(s.shape) * itemsize for s in specs)
+    groups: list[list[TensorSpec]] = [[] for _ in range(k)]
+    acc = 0
+    for s in specs:
+        idx = min(k - 1, int(acc * k / max(total, 1)))
+        groups[idx].append(s)
+        acc += math.prod(s.shape) * itemsize
+    return [g for g in groups if g]
+
+
+def _write_st(path: Path, specs: list[TensorSpec], seed: int, dtype: torch.dtype) -> int:
+    entries = [PlannedTensor(s.name, st_dtype(dtype), s.shape) for s in specs]
+    layout = plan_shard(entries, {"format": "pt"}, group_align=1, tensor_align=1)
+    with ShardWriter(path, layout) as w:
+        for s in specs:
+            w.write(s.name, random_tensor(s, seed, dtype))
+        w.close()
+    return layout.file_size
+
+
+def synth_dit(out: Path, cfg: DiTConfig, *, dtype: torch.dtype = torch.float32, shards: int = 1, seed: int = 0) -> list[Path]:
+    """Write config.json and the DiT weights (one file, or ``shards`` files + index json) into ``out``."""
+    if shards < 1:
+        raise UsageError(f"--shards must be at least 1, got {shards}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.hub_config(), indent=2) + "\n")
+    specs = sorted(component_tensors(cfg), key=lambda s: s.name)  # the hub's files are key-sorted
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if shards == 1:
+        _write_st(out / DIT_SINGLE, specs, seed, dtype)
+        return [out / DIT_SINGLE]
+    groups = _chunks_by_bytes(specs, shards, itemsize)
+    weight_map, paths = {}, []
+    for i, group in enumerate(groups, start=1):
+        name = dit_shard_name(i, len(groups))
+        _write_st(out / name, group, seed, dtype)
+        weight_map.update({s.name: name for s in group})
+        paths.append(out / name)
+    total = sum(math.prod(s.shape) * itemsize for s in specs)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / DIT_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return paths
+
+
+def _extra_clip_tensors(cfg: CLIPConfig) -> Iterator[TensorSpec]:
+    """Keys the real CLIP file carries that Wan never uses (the converter must drop them)."""
+    yield TensorSpec("log_scale", ())
+    yield TensorSpec("visual.post_norm.weight", (cfg.dim,))
+    yield TensorSpec("visual.post_norm.bias", (cfg.dim,))
+    yield TensorSpec("visual.head", (cfg.dim, 16))
+    yield TensorSpec("textual.token_embedding.weight", (32, 16))
+
+
+def synth_pth(path: Path, cfg, *, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+    """Write a T5, CLIP or VAE source as a torch state-dict .pth, like the hub's files."""
+    dtype = dtype or SOURCE_DTYPES[cfg.kind]
+    specs = list(component_tensors(cfg))
+    if isinstance(cfg, CLIPConfig):
+        specs += list(_extra_clip_tensors(cfg))
+    state = {s.name: random_tensor(s, seed, dtype) for s in specs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def synth_lora(path: Path, cfg: DiTConfig, *, rank: int = 4, seed: int = 0, style: str = "up_down",
+               prefix: str = "diffusion_model.", alpha: float | None = None) -> Path:  # fmt: skip
+    """A LoRA over every quantizable block Linear, in the naming the public distill LoRAs use."""
+    tensors: dict[str, torch.Tensor] = {}
+    for spec in component_tensors(cfg):
+        if not spec.quantize:
+            continue
+        base = prefix + spec.name.removesuffix(".weight")
+        out_f, in_f = spec.shape
+        down = random_tensor(TensorSpec(base + ".down", (rank, in_f)), seed, torch.float32)
+        up = random_tensor(TensorSpec(base + ".up", (out_f, rank)), seed, torch.float32) * 0.1
+        a_name, b_name = (".lora_down.weight", ".lora_up.weight") if style == "up_down" else (".lora_A.weight",
+                                                                                              ".lora_B.weight")  # fmt: skip
+        tensors[base + a_name] = down.to(torch.bfloat16)
+        tensors[base + b_name] = up.to(torch.bfloat16)
+        if alpha is not None:
+            tensors[base + ".alpha"] = torch.tensor(float(alpha))
+    from wanpack.convert.safetensors_io import write_safetensors
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path, tensors, {"format": "pt"})
+    return path
+
+
+def synth_checkpoint(out: str | os.PathLike, arch: str, *, layers: int | None = None, dim_scale: str = "full",
+                     dtype: str = "fp32", shards: int = 1, seed: int = 0,
+                     components: tuple[str, ...] = ("dit",)) -> dict[str, list[Path]]:  # fmt: skip
+    """The whole hub folder for ``arch``: DiT plus the requested encoders (clip only for i2v)."""
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r} - choose one of: {', '.join(DTYPES)}")
+    out = Path(out)
+    cfg = dit_config(arch, layers=layers, dim_scale=dim_scale)
+    written: dict[str, list[Path]] = {}
+    if "dit" in components:
+        written["dit"] = synth_dit(out, cfg, dtype=DTYPES[dtype], shards=shards, seed=seed)
+    for kind in ("t5", "clip", "vae"):
+        if kind not in components or (kind == "clip" and cfg.model_type != "i2v"):
+            continue
+        enc = encoder_config(kind, dim_scale=dim_scale)
+        written[kind] = [synth_pth(out / HUB_FILES[kind], enc, seed=seed)]
+    return written

@@ -1,0 +1,7 @@
+"""`python -m wanpack` runs the CLI."""
+
+import sys
+
+from wanpack.cli import main
+
+sys.exit(main())

@@ -1,0 +1,45 @@
+"""The `wanpack` command: a thin Typer app; every command lives in its own module under wanpack.commands.
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 verification failed, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from wanpack import __version__
+from wanpack.commands import convert, inspect, synth, verify
+
+app = typer.Typer(
+    name="wanpack",
+    help="Convert Wan2.1 checkpoints into quantized, block-streamable packs and run them on small GPUs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wanpack {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """wanpack: Wan2.1 packs for small GPUs."""
+
+
+for _module in (synth, convert, inspect, verify):
+    _module.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""`wanpack inspect` (being written)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

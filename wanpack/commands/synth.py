@@ -1,0 +1,47 @@
+"""`wanpack synth`: write a random-weight checkpoint in the exact Wan2.1 hub layout (tests, benchmarks, the demo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from wanpack.commands._common import guarded
+from wanpack.output import human_bytes, out
+
+COMPONENTS = ("dit", "t5", "clip", "vae")
+
+
+@guarded
+def synth(
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the checkpoint into."),
+    arch: str = typer.Option("wan2.1-t2v-1.3b", "--arch", help="wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan2.1-i2v-14b"),
+    layers: int | None = typer.Option(None, "--layers", help="Number of DiT blocks (default: the real count)."),
+    dim_scale: str = typer.Option("full", "--dim-scale", help="full (real widths) or tiny (tests and demo)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="DiT dtype: fp32 (as on the hub) or bf16."),
+    shards: int = typer.Option(1, "--shards", help="Split the DiT into K files plus an index json, like the hub."),
+    component: list[str] = typer.Option(["dit"], "--component", "-c", help="dit, t5, clip, vae or all (repeatable)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same values."),
+) -> None:
+    """Write a synthetic (random-weight) Wan2.1 checkpoint in the hub's file layout.
+
+    Examples:
+      wanpack synth --arch wan2.1-t2v-14b --dim-scale tiny --layers 2 --out /tmp/src
+      wanpack synth --arch wan2.1-i2v-14b --dim-scale tiny -c all --shards 3 --out /tmp/i2v
+    """
+    from wanpack.convert.synth import synth_checkpoint
+    from wanpack.errors import UsageError
+
+    wanted = set(COMPONENTS) if "all" in component else set(component)
+    unknown = wanted - set(COMPONENTS)
+    if unknown:
+        raise UsageError(f"unknown --component {sorted(unknown)} - choose from {', '.join(COMPONENTS)} or all")
+    written = synth_checkpoint(out_dir, arch, layers=layers, dim_scale=dim_scale, dtype=dtype, shards=shards,
+                               seed=seed, components=tuple(sorted(wanted)))  # fmt: skip
+    total = sum(p.stat().st_size for paths in written.values() for p in paths)
+    out.print(f"wrote {arch} ({dim_scale}, random weights) to {out_dir}: "
+              f"{', '.join(sorted(written))}, {human_bytes(total)}")  # fmt: skip
+
+
+def register(app: typer.Typer) -> None:
+    app.command("synth")(synth)
