@@ -32,7 +32,7 @@ def quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, to
     q = torch.empty(weight.shape, dtype=WEIGHT_DTYPES[scheme])
     scale = torch.empty((out_rows, 1), dtype=torch.float32)
     for start in range(0, out_rows, _ROWS_PER_CHUNK):
-        rows = weight[start : start + _ROWS_PER_CHUNK].float()
+        rows = weight[start : start + _ROWS_PER_CHUNK].to(torch.float32, copy=True)  # never modify the input
         absmax = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True)
         s = absmax / qmax
         scale[start : start + rows.shape[0]] = s
