@@ -1,0 +1,1 @@
+"""Compute primitives shared by every model: linear layers over quantized weights, attention backends."""

@@ -1,0 +1,1 @@
+"""The disk -> pinned host -> GPU streaming engine and the planner that sizes it."""
