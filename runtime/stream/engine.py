@@ -1,0 +1,314 @@
+"""The streaming loop: disk -> host (ring or cache) -> device slot -> compute callback, overlapped.
+
+Schedule positions are a global counter t = 0, 1, 2, ... over the forward's units (unit = t mod U), so the prefetch
+for the first blocks of the next forward starts while the last blocks of this one compute: steps run back to back.
+For each position the loop does exactly the schedule it implements:
+
+    read    disk workers fill a host buffer (ring slot, or the unit's cache buffer on its first pass)
+    copy    one H2D copy into device slot t mod K on the copy stream, after that slot's "free" event
+    wait    the compute stream waits for the slot's "ready" event (GPU-side; the CPU never blocks on compute)
+    compute the callback runs on block-relative tensor views of the slot
+    release the compute stream records the slot's "free" event
+
+Reads run up to ``prefetch + host_slots`` positions ahead, copies up to ``prefetch`` ahead. A ring slot is handed back
+as soon as its copy is queued; the worker that refills it first waits for that copy's event, so host bytes are never
+overwritten early and the main thread never waits for the GPU. With K slots = U units (granularity ``model``) every
+unit stays in its own slot after the first pass and later forwards copy nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from wanpack.errors import UsageError
+from wanpack.runtime.pack import PackComponent, Unit, WeightViews, views
+from wanpack.runtime.stream.device import DeviceTier
+from wanpack.runtime.stream.graphs import GraphRunner
+from wanpack.runtime.stream.host import HostTier
+from wanpack.runtime.stream.reader import (
+    ChecksumError,
+    DiskReader,
+    ReadRequest,
+    ShardFile,
+    open_shard,
+    sha256_file,
+)
+
+MAX_INLINE_PREFIX = 64 << 20  # shard bytes before a unit that we are willing to hash again for in-stream verification
+
+
+@dataclass
+class StreamOptions:
+    """How to stream; the planner fills these from budgets (runtime/stream/planner.py), tests set them directly."""
+
+    granularity: str = "block"  # model | block | phase
+    device_slots: int = 2
+    prefetch: int = 1  # copies queued ahead of the unit being computed (<= device_slots - 1)
+    host_slots: int = 3  # pinned ring slots for units read from disk each pass
+    cache_units: list[int] = field(default_factory=list)  # unit indices (schedule order) kept in RAM after 1st read
+    disk_workers: int = 4
+    chunk_bytes: int = 8 << 20
+    direct_io: bool = True
+    verify: bool = False  # check every shard's sha256 once (in-stream when a unit covers the shard)
+    read_timeout_s: float = 120.0
+    timeline: bool = False
+    graph: bool = False  # capture/replay each unit's compute in CUDA graphs (static shapes only)
+    read_delay_s: float = 0.0  # tests: a deliberately slow disk
+
+
+class StreamEngine:
+    """Streams one pack component's blocks through host and device tiers; see the module docstring."""
+
+    def __init__(self, pack: PackComponent, options: StreamOptions, device: torch.device | str = "cpu"):
+        self.pack = pack
+        self.opt = options
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.units: list[Unit] = pack.units(options.granularity)
+        n = len(self.units)
+        k = n if options.granularity == "model" else options.device_slots
+        if k < 1 or options.host_slots < 1 or not (0 <= options.prefetch <= k - 1):
+            raise UsageError(f"prefetch {options.prefetch} needs device slots >= prefetch + 1 (have {k}) and at "
+                             "least one host slot - lower --prefetch or raise --slots")  # fmt: skip
+        if options.graph and self.device.type != "cuda":
+            raise UsageError("graph mode (ENABLE_GRAPH_MODE / --graph-mode) needs a CUDA device - turn it off on CPU")
+        self.k = k
+        self.prefetch = options.prefetch
+        cuda = self.device.type == "cuda"
+        self._closed = False
+        self.files: dict[str, ShardFile] = {}
+        self.reader: DiskReader | None = None
+        self.host: HostTier | None = None
+        self.dev: DeviceTier | None = None
+        self.graphs = GraphRunner(self.device) if options.graph else None
+        self._t = 0  # next schedule position to compute
+        self._next_read = 0  # next position whose host bytes are not arranged yet
+        self._next_copy = 0  # next position not yet copied to its device slot
+        self._epoch = 0  # first position since the last restart (copies before it may not have happened)
+        self._host: dict[int, tuple[torch.Tensor | None, ReadRequest | None, object]] = {}
+        self._cache_reqs: dict[int, ReadRequest] = {}
+        self._views: dict[tuple[int, int], WeightViews] = {}
+        self.current_slot = -1
+        self.forwards = 0
+        try:
+            self.resident = pack.load_resident(self.device)
+            for shard in sorted({u.shard for u in self.units}):
+                self.files[shard] = open_shard(pack.path(shard), pack.entry.shard(shard).size, options.direct_io)
+            self._verify_inline = self._prepare_verification() if options.verify else {}
+            slot_bytes = max(u.length for u in self.units)
+            cache = {i: self.units[i].length for i in options.cache_units if 0 <= i < n}
+            self.reader = DiskReader(options.disk_workers, options.chunk_bytes, options.read_delay_s)
+            event = torch.cuda.Event if cuda else None
+            self.host = HostTier(options.host_slots, slot_bytes, pin=cuda, cache_units=cache,
+                                 **({"event_factory": event} if event else {}))  # fmt: skip
+            self.dev = DeviceTier(self.device, k, slot_bytes, timeline=options.timeline)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------------ public
+
+    def forward(self) -> Iterator[tuple[Unit, Mapping[str, torch.Tensor]]]:
+        """Yield (unit, block-relative weights) for one forward, in order. Use the weights before the next step."""
+        self._check_open()
+        done = False
+        try:
+            for _ in range(len(self.units)):
+                pos = self._t
+                unit = self.units[pos % len(self.units)]
+                slot = pos % self.k
+                self._fill(pos)
+                self.dev.wait_ready(slot)
+                self.current_slot = slot
+                with self.dev.compute_span(unit.index):
+                    yield unit, self._weights(slot, unit)
+                self.dev.release(slot)
+                self._t += 1
+            done = True
+            self.forwards += 1
+        finally:
+            self.current_slot = -1
+            if not done:
+                self._abandon()
+
+    def run(self, x: torch.Tensor, fn: Callable, *extras: torch.Tensor) -> torch.Tensor:
+        """One forward: ``x = fn(unit, weights, x, *extras)`` per unit; in graph mode replayed from CUDA graphs."""
+        for unit, weights in self.forward():
+            if self.graphs is None:
+                x = fn(unit, weights, x, *extras)
+            else:
+                key = (self.current_slot, unit.layout_key())
+                x = self.graphs(key, lambda w, a, *e, u=unit: fn(u, w, a, *e), weights, x, extras)
+        return x.clone() if self.graphs is not None else x
+
+    def stats(self) -> dict:
+        return {
+            "granularity": self.opt.granularity, "units": len(self.units), "device_slots": self.k,
+            "prefetch": self.prefetch, "host_slots": len(self.host.slots) if self.host else 0,
+            "cached_units": sorted(self.host.cache_plan) if self.host else [],
+            "disk_bytes": self.reader.bytes_read if self.reader else 0,
+            "h2d_bytes": self.dev.bytes_copied if self.dev else 0,
+            "pinned_bytes": self.host.pinned_bytes if self.host else 0,
+            "direct_io": {s: f.direct for s, f in self.files.items()},
+            "graph_replays": self.graphs.replays if self.graphs else 0,
+            "graph_captures": self.graphs.captures if self.graphs else 0,
+        }  # fmt: skip
+
+    def timeline(self) -> list[dict]:
+        return self.dev.timeline_ms() if self.dev else []
+
+    def close(self) -> None:
+        """Stop the workers, wait for in-flight reads and copies, unlock and free host memory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.reader is not None:
+            self.reader.close()
+        if self.dev is not None:
+            self.dev.close()
+            if self.dev.cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+        if self.host is not None:
+            self.host.close()
+        for f in self.files.values():
+            os.close(f.fd)
+        self.files.clear()
+        self._host.clear()
+        self._views.clear()
+
+    def __enter__(self) -> StreamEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------------ schedule
+
+    def _fill(self, pos: int) -> None:
+        """Arrange reads ahead, issue the copy for ``pos`` (waiting for its bytes if needed) and any ready ones after."""
+        self._arrange_ahead(pos)
+        while self._next_copy <= pos:
+            if self._next_copy >= self._next_read:
+                if not self._arrange(self._next_copy):
+                    raise RuntimeError("no host slot free for the unit being computed (schedule bug)")
+                self._next_read += 1
+            self._copy(self._next_copy, block=True)
+            self._next_copy += 1
+        while self._next_copy <= pos + self.prefetch and self._next_copy < self._next_read:
+            if not self._copy(self._next_copy, block=False):
+                break
+            self._next_copy += 1
+        self._arrange_ahead(pos)
+
+    def _arrange_ahead(self, pos: int) -> None:
+        limit = pos + self.prefetch + len(self.host.slots)
+        while self._next_read <= limit and self._arrange(self._next_read):
+            self._next_read += 1
+
+    def _arrange(self, pos: int) -> bool:
+        """Decide where position ``pos``'s bytes come from and start reading them; False when no ring slot is free."""
+        unit = self.units[pos % len(self.units)]
+        slot = pos % self.k
+        resident = self.k % len(self.units) == 0  # every unit has its own slot (granularity model)
+        if resident and (self.dev.owner[slot] == unit.index or pos - self.k >= self._epoch):
+            self._host[pos] = (None, None, None)  # already in its slot, or copied there by position pos - k
+        elif unit.index in self.host.cached_ready:
+            self._host[pos] = (self.host.cache[unit.index][0], None, None)
+        elif unit.index in self._cache_reqs:
+            req = self._cache_reqs[unit.index]
+            self._host[pos] = (req.dest, req, None)
+        elif unit.index in self.host.cache_plan:
+            buf = self.host.cache_buffer(unit.index)
+            req = self._submit(unit, buf, None)
+            self._cache_reqs[unit.index] = req
+            self._host[pos] = (buf, req, None)
+        else:
+            ring = self.host.take_slot()
+            if ring is None:
+                return False
+            ring.unit = pos
+            req = self._submit(unit, ring.buf, ring.event)
+            self._host[pos] = (ring.buf, req, ring)
+        return True
+
+    def _submit(self, unit: Unit, buf: torch.Tensor, pre_event) -> ReadRequest:
+        sf = self.files[unit.shard]
+        expected = max(0, min(unit.length, sf.size - unit.offset))
+        verify = self._verify_inline.pop(unit.index, None)
+        req = ReadRequest(sf, unit.offset, buf, expected, unit.name, pre_event=pre_event, verify=verify)
+        return self.reader.submit(req)
+
+    def _copy(self, pos: int, block: bool) -> bool:
+        """Queue the H2D copy of position ``pos``; when not ``block``, only if its bytes are already read."""
+        buf, req, ring = self._host[pos]
+        unit = self.units[pos % len(self.units)]
+        slot = pos % self.k
+        if req is not None:
+            if not req.done.is_set() and not block:
+                return False
+            req.wait(self.opt.read_timeout_s, self.reader.alive)
+        if buf is not None:
+            self.dev.copy_in(slot, buf, unit.length, unit.index, host_event=ring.event if ring is not None else None)
+        if ring is not None:
+            self.host.give_back(ring)
+        elif req is not None and self._cache_reqs.get(unit.index) is req:
+            del self._cache_reqs[unit.index]
+            self.host.cached_ready.add(unit.index)
+        del self._host[pos]
+        return True
+
+    def _abandon(self) -> None:
+        """The consumer stopped mid-forward (error, break, Ctrl-C): drain reads and restart at the next forward."""
+        for buf, req, ring in self._host.values():
+            if req is not None:
+                req.done.wait(self.opt.read_timeout_s)
+            if ring is not None:
+                self.host.give_back(ring)
+        for unit_index, req in list(self._cache_reqs.items()):
+            if req.error is not None or not req.done.is_set():
+                del self._cache_reqs[unit_index]
+        self._host.clear()
+        n = len(self.units)
+        self._t = -(-self._t // n) * n
+        self._next_read = self._next_copy = self._epoch = self._t
+
+    def _weights(self, slot: int, unit: Unit) -> WeightViews:
+        key = (slot, unit.index)
+        if key not in self._views:
+            self._views[key] = WeightViews(views(self.dev.slots[slot], unit))
+        return self._views[key]
+
+    def _prepare_verification(self) -> dict[int, tuple[bytes, str]]:
+        """Shards that one unit covers to their end are hashed in-stream on first read; the rest are hashed now."""
+        inline: dict[int, tuple[bytes, str]] = {}
+        covered: set[str] = set()
+        for u in self.units:
+            sf = self.files[u.shard]
+            if u.shard not in covered and u.offset <= MAX_INLINE_PREFIX and u.offset + u.length >= sf.size:
+                if not any(v.shard == u.shard and v.offset < u.offset for v in self.units):
+                    prefix = os.pread(sf.fd, u.offset, 0) if not sf.direct else _read_prefix(sf.path, u.offset)
+                    inline[u.index] = (prefix, self.pack.entry.shard(u.shard).sha256)
+                    covered.add(u.shard)
+        rest = [s for s in self.files if s not in covered]
+        with ThreadPoolExecutor(max(1, self.opt.disk_workers)) as pool:
+            for shard, digest in zip(rest, pool.map(lambda s: sha256_file(self.files[s]), rest), strict=True):
+                if digest != self.pack.entry.shard(shard).sha256:
+                    raise ChecksumError(f"{self.files[shard].path}: sha256 does not match the manifest - the shard is "
+                                        "corrupt; run `wanpack verify` and convert again")  # fmt: skip
+        return inline
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("this stream engine is closed - open a new one")
+
+
+def _read_prefix(path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(n)
+    return data

@@ -1,0 +1,217 @@
+"""The planner: from VRAM/RAM budgets and the video size, how to stream a pack (or refuse, saying what it needs).
+
+Memory model (bytes; d = dim, f = ffn_dim, L = tokens, c = activation chunk in tokens):
+  VRAM = non-block weights (resident) + K slots x largest unit + activations x (1 + FRAGMENTATION)
+  activations = L * d * ACT_PER_TOKEN_DIM  (fp32 residual stream + bf16 normed input, q, k, v, attention out)
+              + c * (2 * f * 2 + 3 * d * 4)  (one FFN chunk: hidden + GELU out in bf16; fp32 RoPE/norm temporaries)
+  RSS  = BASE_RSS + host ring (prefetch + 2 slots) x largest unit + host cache + non-block staging
+Granularities are tried from the fastest to the leanest: ``model`` (everything resident, nothing moves), ``block`` with
+3 then 2 slots, ``phase`` with 4, 3, 2 slots; chunks from the whole sequence down to MIN_CHUNK. The first that fits wins.
+The host cache takes what RAM is left: every block (later steps never read the disk), an evenly spread fixed subset
+(spreading keeps disk reads interleaved with cached blocks, so the disk works while cached blocks compute), or none.
+The constants are estimates, checked against measured peaks by benchmarks/stream_bench.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+from wanpack.errors import UsageError
+from wanpack.runtime.pack import PackComponent
+from wanpack.runtime.stream.engine import StreamOptions
+
+GiB = 1 << 30
+MiB = 1 << 20
+ACT_PER_TOKEN_DIM = 4 + 5 * 2
+FRAGMENTATION = 0.10
+BASE_RSS = int(1.0 * GiB)  # interpreter + torch + CUDA host-side state, measured order of magnitude
+MIN_CHUNK = 1024
+RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720)}
+
+
+class BudgetError(UsageError):
+    """The budgets cannot hold even the leanest plan."""
+
+
+@dataclass
+class Plan:
+    """Everything the runtime needs to stream, plus the prediction it was chosen by."""
+
+    granularity: str
+    device_slots: int
+    prefetch: int
+    host_slots: int
+    cache_policy: str  # all | subset | none
+    cache_units: list[int]
+    disk_workers: int
+    ffn_chunk: int  # tokens per FFN chunk
+    rope_chunk: int  # tokens per RoPE / q-k-norm chunk
+    tokens: int
+    latent: tuple[int, int, int]  # latent frames, height, width
+    unit_bytes: int
+    non_block_bytes: int
+    cache_bytes: int
+    activation_bytes: int
+    peak_vram: int
+    peak_rss: int
+    vram_budget: int
+    ram_budget: int
+    notes: list[str] = field(default_factory=list)
+
+    def options(self, **overrides) -> StreamOptions:
+        opts = StreamOptions(granularity=self.granularity, device_slots=self.device_slots, prefetch=self.prefetch,
+                             host_slots=self.host_slots, cache_units=list(self.cache_units),
+                             disk_workers=self.disk_workers)  # fmt: skip
+        for k, v in overrides.items():
+            setattr(opts, k, v)
+        return opts
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_size(text: str | int) -> int:
+    """'8GiB', '8G', '8GB' (all binary), '512MiB', '1.5T' or a plain byte count."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", str(text).lower())
+    if not m:
+        raise UsageError(f"cannot read size {text!r} - write it like 8GiB, 512MiB or 16G")
+    power = " kmgt".index(m.group(2) or " ")
+    return int(float(m.group(1)) * 1024**power)
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'480p' -> (832, 480), '720p' -> (1280, 720), '832x480' -> (832, 480); sides must be multiples of 16."""
+    key = text.strip().lower()
+    if key in RESOLUTIONS:
+        return RESOLUTIONS[key]
+    m = re.fullmatch(r"(\d+)x(\d+)", key)
+    if not m:
+        raise UsageError(f"cannot read resolution {text!r} - use 480p, 720p or WxH like 832x480")
+    w, h = int(m.group(1)), int(m.group(2))
+    if w % 16 or h % 16 or w <= 0 or h <= 0:
+        raise UsageError(f"resolution {w}x{h} is not a multiple of 16 on both sides - pick e.g. 832x480")
+    return w, h
+
+
+def latent_shape(width: int, height: int, frames: int) -> tuple[int, int, int]:
+    if frames < 1 or (frames - 1) % 4:
+        raise UsageError(f"--frames {frames} is not 4n+1 - use e.g. 81 or 33")
+    return (frames - 1) // 4 + 1, height // 8, width // 8
+
+
+def activation_bytes(tokens: int, dim: int, ffn_dim: int, chunk: int) -> int:
+    return tokens * dim * ACT_PER_TOKEN_DIM + chunk * (2 * ffn_dim * 2 + 3 * dim * 4)
+
+
+def detect_budgets() -> tuple[int | None, int | None]:
+    """(free VRAM on the current GPU or None, MemAvailable of this machine or None)."""
+    vram = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            vram = int(torch.cuda.mem_get_info()[0])
+    except Exception:  # noqa: BLE001 - no usable GPU means no VRAM default
+        vram = None
+    ram = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    ram = int(line.split()[1]) * 1024
+    except OSError:
+        ram = None
+    return vram, ram
+
+
+def spread(n_total: int, n_pick: int) -> list[int]:
+    """``n_pick`` indices of ``range(n_total)`` spread evenly (0, then every n_total/n_pick)."""
+    if n_pick <= 0:
+        return []
+    if n_pick >= n_total:
+        return list(range(n_total))
+    return sorted({int(i * n_total / n_pick) for i in range(n_pick)})
+
+
+def plan(pack: PackComponent, *, vram_budget: int, ram_budget: int, width: int, height: int, frames: int,
+         granularity: str | None = None, disk_workers: int | None = None, cache: str = "auto") -> Plan:  # fmt: skip
+    """Choose the fastest plan that fits both budgets, or raise BudgetError with the minimum needed."""
+    cfg = pack.entry.config
+    dim, ffn_dim = int(cfg["dim"]), int(cfg["ffn_dim"])
+    pt, ph, pw = cfg.get("patch_size", (1, 2, 2))
+    lat = latent_shape(width, height, frames)
+    tokens = math.ceil(lat[0] / pt) * (lat[1] // ph) * (lat[2] // pw)
+    non_block = pack.non_block_bytes()
+    n_blocks = pack.num_blocks
+    sizes = {g: pack.max_unit_bytes(g) for g in ("block", "phase")}
+    candidates = [("model", n_blocks), ("block", 3), ("block", 2), ("phase", 4), ("phase", 3), ("phase", 2)]
+    if granularity is not None:
+        candidates = [c for c in candidates if c[0] == granularity]
+    chunks = sorted({tokens} | {c for c in (65536, 32768, 16384, 8192, 4096, 2048, MIN_CHUNK) if c < tokens},
+                    reverse=True)  # fmt: skip
+    best = None
+    for gran, k in candidates:
+        unit = sizes["block" if gran == "model" else gran]
+        for chunk in chunks:
+            act = activation_bytes(tokens, dim, ffn_dim, chunk)
+            need = non_block + k * unit + int(act * (1 + FRAGMENTATION))
+            if need <= vram_budget:
+                best = (gran, k, unit, chunk, act, need)
+                break
+        if best:
+            break
+    if best is None:
+        gran, k = candidates[-1]
+        unit = sizes["block" if gran == "model" else gran]
+        act = activation_bytes(tokens, dim, ffn_dim, min(MIN_CHUNK, tokens))
+        need = non_block + k * unit + int(act * (1 + FRAGMENTATION))
+        raise BudgetError(f"{width}x{height}x{frames} needs at least {need / GiB:.2f} GiB of VRAM ({gran} "
+                          f"granularity, {k} slots, {min(MIN_CHUNK, tokens)}-token chunks) but the budget is "
+                          f"{vram_budget / GiB:.2f} GiB - lower the resolution or frames, or free GPU memory")  # fmt: skip
+    gran, k, unit, chunk, act, need = best
+    prefetch = k - 1 if gran != "model" else 0
+    host_slots = 1 if gran == "model" else prefetch + 2
+    ring = host_slots * unit
+    min_rss = BASE_RSS + ring + non_block
+    if min_rss > ram_budget:
+        raise BudgetError(f"streaming needs at least {min_rss / GiB:.2f} GiB of RAM (base {BASE_RSS / GiB:.1f} GiB "
+                          f"+ {host_slots} host slots x {unit / MiB:.0f} MiB + non-block weights) but the budget "
+                          f"is {ram_budget / GiB:.2f} GiB - raise --ram-budget or close other programs")  # fmt: skip
+    units = pack.units(gran)
+    policy, picked, notes = _cache(units, ram_budget - min_rss, gran, cache)
+    cache_bytes = sum(units[i].length for i in picked)
+    workers = disk_workers or (8 if unit >= 64 * MiB else 4)
+    if policy == "subset":
+        notes.append(f"host cache holds {len(picked)} of {len(units)} units (evenly spread); the rest stream from "
+                     "disk every step")  # fmt: skip
+    return Plan(gran, k, prefetch, host_slots, policy, picked, workers, chunk, chunk, tokens, lat, unit, non_block,
+                cache_bytes, act, need, min_rss + cache_bytes, vram_budget, ram_budget, notes)  # fmt: skip
+
+
+def _cache(units, room: int, gran: str, mode: str) -> tuple[str, list[int], list[str]]:
+    if mode not in ("auto", "all", "none"):
+        raise UsageError(f"unknown cache mode {mode!r} - choose auto, all or none")
+    if gran == "model" or mode == "none":
+        why = "weights live on the GPU" if gran == "model" else "host cache turned off"
+        return "none", [], [f"no host cache: {why}"]
+    total = sum(u.length for u in units)
+    if total <= room:
+        return "all", list(range(len(units))), ["every block stays in RAM after the first step; later steps never "
+                                                "read the disk"]  # fmt: skip
+    if mode == "all":
+        raise BudgetError(f"caching every block needs {total / GiB:.2f} GiB more RAM but only {room / GiB:.2f} GiB "
+                          "is left - raise --ram-budget or use --cache auto")  # fmt: skip
+    unit = max(u.length for u in units)
+    fit = room // unit if unit else 0
+    if fit <= 0:
+        return "none", [], ["no host cache: the RAM budget leaves no room; every step streams from disk"]
+    return "subset", spread(len(units), int(fit)), []
+
+
+def default_disk_workers() -> int:
+    return max(2, min(8, os.cpu_count() or 2))

@@ -1,0 +1,249 @@
+"""Disk workers: aligned O_DIRECT positioned reads of unit byte ranges into host buffers.
+
+One file descriptor per shard, opened once and shared by every worker (pread needs no seek, so it is thread safe).
+A request (one unit into one buffer) is cut into aligned chunks that N worker threads read in parallel, which keeps
+several reads in flight on an NVMe drive. Where O_DIRECT is refused (tmpfs, some network filesystems) the shard is
+read buffered and each chunk is dropped from the page cache right after (posix_fadvise DONTNEED), so streaming
+14 GB per step does not evict everything else. Failures never kill a worker silently: they are stored on the request
+and raised in the thread that waits for it, naming the shard.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wanpack.errors import VerificationError, WanpackError
+
+ALIGN = 4096
+DEFAULT_CHUNK = 8 << 20
+
+
+class ShardReadError(WanpackError):
+    """A shard could not be read (I/O error, short read, stalled disk)."""
+
+
+class ChecksumError(VerificationError):
+    """A shard's bytes do not hash to the manifest's sha256."""
+
+
+def aligned_empty(nbytes: int) -> torch.Tensor:
+    """A 1-D uint8 CPU tensor of ``nbytes`` whose first byte is 4096-aligned (O_DIRECT needs aligned buffers)."""
+    nbytes = max(ALIGN, (nbytes + ALIGN - 1) // ALIGN * ALIGN)
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % ALIGN
+    return raw[skip : skip + nbytes]
+
+
+@dataclass
+class ShardFile:
+    """An open shard: fd, whether it is read with O_DIRECT, and its real size."""
+
+    path: Path
+    fd: int
+    direct: bool
+    size: int
+
+
+def open_shard(path: Path, expected_size: int | None, direct: bool = True) -> ShardFile:
+    """Open for O_DIRECT when the filesystem allows it (probed with one aligned read), else buffered."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    fd = -1
+    use_direct = direct and hasattr(os, "O_DIRECT")
+    try:
+        if use_direct:
+            try:
+                fd = os.open(path, flags | os.O_DIRECT)
+                probe = aligned_empty(ALIGN)
+                os.preadv(fd, [memoryview(probe.numpy())], 0)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise
+                if fd >= 0:
+                    os.close(fd)
+                fd, use_direct = -1, False
+        if fd < 0:
+            fd = os.open(path, flags)
+        size = os.fstat(fd).st_size
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+        raise ShardReadError(f"{path}: cannot open shard ({exc.strerror}) - the pack is incomplete or unreadable; "
+                             "check the path or convert again") from None  # fmt: skip
+    if expected_size is not None and size != expected_size:
+        os.close(fd)
+        raise ShardReadError(f"{path}: shard is {size} bytes but the manifest says {expected_size} - the file is "
+                             "truncated or replaced; convert again")  # fmt: skip
+    return ShardFile(path, fd, use_direct, size)
+
+
+class ReadRequest:
+    """One range of one shard into one buffer; completed (or failed) by whichever worker reads its last chunk."""
+
+    def __init__(self, shard: ShardFile, offset: int, dest: torch.Tensor, expected: int, what: str,
+                 pre_event=None, verify: tuple[bytes, str] | None = None):  # fmt: skip
+        self.shard, self.offset, self.dest, self.expected, self.what = shard, offset, dest, expected, what
+        self.pre_event = pre_event  # host buffer's last H2D copy; must finish before we overwrite the buffer
+        self.verify = verify  # (shard prefix bytes, expected sha256) when this read completes the shard
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._got = 0
+        self.started = self.finished = 0.0
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+
+    def _chunk_done(self, nbytes: int) -> bool:
+        with self._lock:
+            self._got += nbytes
+            self._pending -= 1
+            return self._pending == 0
+
+    def _complete(self) -> None:
+        if self.error is None and self._got != self.expected:
+            self.error = ShardReadError(f"{self.shard.path}: short read of {self.what} ({self._got} of {self.expected}"
+                                        " bytes) - the shard is truncated; convert the pack again")  # fmt: skip
+        if self.error is None and self.verify is not None:
+            prefix, want = self.verify
+            h = hashlib.sha256(prefix)
+            h.update(memoryview(self.dest[: self.expected].numpy()))
+            if h.hexdigest() != want:
+                self.error = ChecksumError(f"{self.shard.path}: sha256 does not match the manifest - the shard is "
+                                           "corrupt; run `wanpack verify` and convert again")  # fmt: skip
+        self.finished = time.perf_counter()
+        self.done.set()
+
+    def wait(self, timeout_s: float, alive=lambda: True) -> None:
+        """Block until read (raising its error here, in the caller's thread) or until ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        while not self.done.wait(0.05):
+            if not alive():
+                raise ShardReadError(f"{self.shard.path}: the disk workers stopped while reading {self.what} - "
+                                     "see the error above; run again")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise ShardReadError(f"{self.shard.path}: reading {self.what} took longer than {timeout_s:.0f} s - "
+                                     "the disk is stalled or far too slow; check the drive or raise --read-timeout")  # fmt: skip
+        if self.error is not None:
+            raise self.error
+
+
+class DiskReader:
+    """N worker threads serving :class:`ReadRequest` chunks from one shared queue."""
+
+    def __init__(self, workers: int = 4, chunk_bytes: int = DEFAULT_CHUNK, delay_s: float = 0.0):
+        if workers < 1:
+            raise ValueError("need at least one disk worker")
+        self.chunk_bytes = max(ALIGN, chunk_bytes // ALIGN * ALIGN)
+        self.delay_s = delay_s  # tests: a deliberately slow disk
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._work, name=f"wanpack-disk-{i}", daemon=True)
+                         for i in range(workers)]  # fmt: skip
+        self.bytes_read = 0
+        self.busy_s = 0.0
+        self._stat_lock = threading.Lock()
+        for t in self._threads:
+            t.start()
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
+
+    def alive(self) -> bool:
+        return not self._stop.is_set() and all(t.is_alive() for t in self._threads)
+
+    def submit(self, req: ReadRequest) -> ReadRequest:
+        """Queue a request's chunks; returns at once."""
+        if self._stop.is_set():
+            raise ShardReadError(f"{req.shard.path}: the disk reader is closed - open a new stream")
+        length = (req.expected + ALIGN - 1) // ALIGN * ALIGN
+        starts = list(range(0, max(length, 1), self.chunk_bytes))
+        req._pending = len(starts)
+        req.started = time.perf_counter()
+        for s in starts:
+            self._queue.put((req, s, min(self.chunk_bytes, length - s)))
+        return req
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            req, start, length = item
+            nbytes = 0
+            try:
+                if req.error is None and not self._stop.is_set():
+                    if req.pre_event is not None:
+                        req.pre_event.synchronize()
+                    nbytes = self._read(req, start, length)
+            except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting thread
+                req._fail(exc if isinstance(exc, WanpackError) else ShardReadError(
+                    f"{req.shard.path}: read error in {req.what} ({exc}) - the drive or file is failing; "
+                    "check it and run again"))  # fmt: skip
+            if req._chunk_done(nbytes):
+                try:
+                    req._complete()
+                except BaseException as exc:  # noqa: BLE001
+                    req.error = ShardReadError(f"{req.shard.path}: could not check {req.what} ({exc})")
+                    req.done.set()
+
+    def _read(self, req: ReadRequest, start: int, length: int) -> int:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        t0 = time.perf_counter()
+        sf = req.shard
+        want = max(0, min(length, req.expected - start))
+        view = memoryview(req.dest[start : start + length].numpy())
+        if not sf.direct:
+            view = view[:want]
+        done = 0
+        while done < want:
+            n = os.preadv(sf.fd, [view[done:]], req.offset + start + done)
+            if n <= 0:
+                break
+            done += n
+        if not sf.direct and want:
+            os.posix_fadvise(sf.fd, req.offset + start, want, os.POSIX_FADV_DONTNEED)
+        with self._stat_lock:
+            self.bytes_read += done
+            self.busy_s += time.perf_counter() - t0
+        return min(done, want)
+
+    def close(self) -> None:
+        """Stop the workers (chunks still queued are dropped); in-flight preads finish first."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+
+
+def sha256_file(shard: ShardFile, reader_chunk: int = 16 << 20) -> str:
+    """Hash a whole shard through an aligned buffer (O_DIRECT-safe), dropping pages behind us when buffered."""
+    h = hashlib.sha256()
+    buf = aligned_empty(reader_chunk)
+    view = memoryview(buf.numpy())
+    pos = 0
+    while pos < shard.size:
+        n = os.preadv(shard.fd, [view], pos)
+        if n <= 0:
+            raise ShardReadError(f"{shard.path}: short read while hashing - the shard is truncated; convert again")
+        h.update(view[: min(n, shard.size - pos)])
+        if not shard.direct:
+            os.posix_fadvise(shard.fd, pos, n, os.POSIX_FADV_DONTNEED)
+        pos += n
+    return h.hexdigest()

@@ -1,0 +1,265 @@
+"""Streaming engine on the CPU path: streamed == resident bit-exactly, slot safety, errors surface by shard name.
+
+The resident reference reads every tensor with the safetensors library (an independent reader of the same files),
+so a wrong offset, a slot overwritten too early or a stale cache entry changes the output bits.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from stream_packs import make_pack
+
+from wanpack.runtime.ops.linear import linear
+from wanpack.runtime.pack import PackComponent, block_relative
+from wanpack.runtime.stream.engine import StreamEngine, StreamOptions
+from wanpack.runtime.stream.reader import ChecksumError, ShardReadError
+
+TOKENS, DIM = 5, 64
+
+
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stream_packs")
+    return {
+        "by_block": make_pack(root / "bb", layers=3, quant="int8", layout="by_block"),
+        "single": make_pack(root / "single", layers=3, quant="fp8", layout="single"),
+        "bf16": make_pack(root / "bf16", layers=2, quant="none", layout="by_block"),
+    }
+
+
+def phase_fn(phase: str, w, x: torch.Tensor) -> torch.Tensor:
+    """A toy phase that depends on every byte of every tensor it gets (bit-exact comparisons catch any mix-up)."""
+    keys = sorted(k for k in w if k.startswith(phase) or (phase == "self_attn" and k == "modulation")
+                  or (phase == "cross_attn" and k.startswith("norm3")))  # fmt: skip
+    for k in keys:
+        t = w[k]
+        if k.endswith(".weight") and t.dim() == 2:
+            y = linear(x if t.shape[1] == x.shape[-1] else x.repeat(1, t.shape[1] // x.shape[-1]), t,
+                       w.get(k.removesuffix(".weight") + ".bias"), w.get(k + "_scale"))  # fmt: skip
+            x = x + torch.tanh(y[:, : x.shape[-1]])
+        else:
+            x = x + 1e-3 * t.float().sum()
+    return x
+
+
+def block_fn(unit, w, x: torch.Tensor) -> torch.Tensor:
+    for phase in unit.phases:
+        x = phase_fn(phase, w, x)
+    return x
+
+
+def reference(pack_dir: Path, x: torch.Tensor, forwards: int) -> torch.Tensor:
+    comp = PackComponent(pack_dir).entry
+    per_block: dict[int, dict[str, torch.Tensor]] = {}
+    for shard in comp.shards:
+        with safe_open(pack_dir / shard.path, framework="pt") as f:
+            for t in shard.tensors:
+                if t.block is not None:
+                    per_block.setdefault(t.block, {})[block_relative(t.name, t.block)] = f.get_tensor(t.name)
+    for _ in range(forwards):
+        for b in range(comp.num_blocks):
+            for phase in ("self_attn", "cross_attn", "ffn"):
+                x = phase_fn(phase, per_block[b], x)
+    return x
+
+
+def run_engine(pack_dir: Path, forwards: int = 2, consumer_delay: float = 0.0, **opts) -> tuple[list, dict]:
+    torch.manual_seed(0)
+    x0 = torch.randn(TOKENS, DIM)
+    outs = []
+    with StreamEngine(PackComponent(pack_dir), StreamOptions(**opts)) as eng:
+        for _ in range(forwards):
+            x = x0.clone()
+            for unit, w in eng.forward():
+                before = {k: v.clone() for k, v in w.items()} if consumer_delay else None
+                x = block_fn(unit, w, x)
+                if consumer_delay:
+                    time.sleep(consumer_delay)
+                    assert all(torch.equal(before[k].view(torch.uint8), w[k].view(torch.uint8)) for k in w), (
+                        f"slot of {unit.name} was overwritten while its consumer ran")
+            outs.append(x)
+        stats = eng.stats()
+    return outs, stats
+
+
+GRID = [(g, p, c, n) for g in ("block", "phase") for p in (1, 2, 3) for c in (False, True) for n in (1, 3)]
+
+
+@pytest.mark.parametrize(("gran", "prefetch", "cache", "workers"), GRID)
+def test_streamed_equals_resident(packs, gran, prefetch, cache, workers):
+    pack = packs["by_block"]
+    ref = reference(pack, torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), 1)
+    n_units = len(PackComponent(pack).units(gran))
+    outs, stats = run_engine(pack, forwards=3, granularity=gran, prefetch=prefetch, device_slots=prefetch + 1,
+                             host_slots=2, cache_units=list(range(n_units)) if cache else [], disk_workers=workers,
+                             chunk_bytes=8192)  # fmt: skip
+    for out in outs:
+        assert torch.equal(out, ref)
+    assert stats["device_slots"] == prefetch + 1
+
+
+@pytest.mark.parametrize("layout", ["single", "bf16"])
+@pytest.mark.parametrize("gran", ["model", "block", "phase"])
+def test_layouts_and_dtypes_bit_exact(packs, layout, gran):
+    ref = reference(packs[layout], torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), 1)
+    outs, _ = run_engine(packs[layout], forwards=2, granularity=gran, prefetch=1, device_slots=2, disk_workers=2,
+                         verify=True)  # fmt: skip
+    assert all(torch.equal(o, ref) for o in outs)
+
+
+def test_model_granularity_copies_once(packs):
+    pack = packs["by_block"]
+    block_bytes = sum(u.length for u in PackComponent(pack).units("block"))
+    _, stats = run_engine(pack, forwards=3, granularity="model", disk_workers=2)
+    assert stats["h2d_bytes"] == block_bytes  # first forward fills the slots; later ones move nothing
+
+
+def test_host_cache_stops_disk_reads(packs):
+    pack = packs["by_block"]
+    comp = PackComponent(pack)
+    units = comp.units("block")
+    with StreamEngine(comp, StreamOptions(cache_units=list(range(len(units))), disk_workers=2)) as eng:
+        for _ in eng.forward():
+            pass
+        first = eng.reader.bytes_read
+        for _ in range(2):
+            for _ in eng.forward():
+                pass
+        assert eng.reader.bytes_read == first
+        assert first <= sum(u.length for u in units)
+
+
+def test_subset_cache_reads_only_uncached(packs):
+    comp = PackComponent(packs["by_block"])
+    with StreamEngine(comp, StreamOptions(cache_units=[1], disk_workers=2)) as eng:
+        for _ in eng.forward():
+            pass
+        first = eng.reader.bytes_read
+        for _ in eng.forward():
+            pass
+        per_step = eng.reader.bytes_read - first
+    sizes = {u.index: min(u.length, os.path.getsize(comp.path(u.shard)) - u.offset) for u in comp.units("block")}
+    assert per_step == sizes[0] + sizes[2]
+
+
+@pytest.mark.parametrize("gran", ["block", "phase"])
+def test_slow_reader_and_slow_consumer_never_reuse_a_slot_early(packs, gran):
+    pack = packs["by_block"]
+    ref = reference(pack, torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), 1)
+    outs, _ = run_engine(pack, forwards=2, granularity=gran, prefetch=2, device_slots=3, host_slots=2,
+                         disk_workers=3, chunk_bytes=4096, read_delay_s=0.002)  # fmt: skip
+    assert all(torch.equal(o, ref) for o in outs)
+    outs, _ = run_engine(pack, forwards=2, consumer_delay=0.01, granularity=gran, prefetch=2, device_slots=3,
+                         host_slots=2, disk_workers=3, chunk_bytes=4096)  # fmt: skip
+    assert all(torch.equal(o, ref) for o in outs)
+
+
+def test_failing_reader_raises_in_bounded_time_naming_shard(tmp_path):
+    pack = make_pack(tmp_path / "p", layers=3)
+    with StreamEngine(PackComponent(pack), StreamOptions(disk_workers=2, host_slots=1)) as eng:
+        os.truncate(pack / "dit" / "block_2.safetensors", 5000)  # the drive "loses" the file under us
+        t0 = time.monotonic()
+        with pytest.raises(ShardReadError, match=r"block_2\.safetensors.*short read"):
+            for _ in eng.forward():
+                pass
+        assert time.monotonic() - t0 < 5
+
+
+def test_stalled_disk_times_out(tmp_path):
+    pack = make_pack(tmp_path / "p", layers=2)
+    opts = StreamOptions(disk_workers=1, chunk_bytes=4096, read_delay_s=0.5, read_timeout_s=0.3)
+    with StreamEngine(PackComponent(pack), opts) as eng:
+        t0 = time.monotonic()
+        with pytest.raises(ShardReadError, match=r"block_0\.safetensors.*took longer"):
+            for _ in eng.forward():
+                pass
+        assert time.monotonic() - t0 < 3
+
+
+@pytest.mark.parametrize("gran", ["block", "phase"])
+def test_corrupt_shard_reported_by_name(tmp_path, gran):
+    pack = make_pack(tmp_path / "p", layers=3)
+    path = pack / "dit" / "block_1.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=r"block_1\.safetensors"):
+        with StreamEngine(PackComponent(pack), StreamOptions(granularity=gran, verify=True, disk_workers=2)) as eng:
+            for _ in eng.forward():
+                pass
+
+
+def test_truncated_shard_refused_at_open(tmp_path):
+    pack = make_pack(tmp_path / "p", layers=2)
+    os.truncate(pack / "dit" / "block_1.safetensors", 4096)
+    with pytest.raises(ShardReadError, match=r"block_1\.safetensors.*manifest says"):
+        StreamEngine(PackComponent(pack), StreamOptions())
+
+
+def test_interrupt_stops_workers_and_frees_buffers(packs):
+    eng = StreamEngine(PackComponent(packs["by_block"]), StreamOptions(disk_workers=3, host_slots=3))
+    threads = list(eng.reader._threads)
+    with pytest.raises(KeyboardInterrupt):
+        with eng:
+            for unit, _ in eng.forward():
+                if unit.block == 1:
+                    raise KeyboardInterrupt
+    assert not any(t.is_alive() for t in threads)
+    assert eng.host.slots == [] and eng.host.cache == {} and eng.files == {}
+    assert not any(t.name.startswith("wanpack-disk") for t in threading.enumerate())
+
+
+def test_break_mid_forward_then_continue(packs):
+    pack = packs["by_block"]
+    ref = reference(pack, torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), 1)
+    with StreamEngine(PackComponent(pack), StreamOptions(granularity="phase", prefetch=2, device_slots=3)) as eng:
+        for unit, _ in eng.forward():
+            if unit.block == 1:
+                break
+        x = torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(eng.run(x, block_fn), ref)
+
+
+def test_buffered_fallback_when_o_direct_is_refused(packs, monkeypatch):
+    """Filesystems that refuse O_DIRECT (older tmpfs, some network mounts) answer EINVAL at open: read buffered."""
+    import errno
+
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    pack = packs["by_block"]
+    ref = reference(pack, torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), 1)
+    outs, stats = run_engine(pack, forwards=2, disk_workers=2, verify=True)
+    assert all(torch.equal(o, ref) for o in outs)
+    assert not any(stats["direct_io"].values())
+
+
+def test_tmpfs_pack_streams(packs):
+    import tempfile
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        pack = make_pack(Path(d) / "p", layers=2)
+        ref = reference(pack, torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), 1)
+        outs, _ = run_engine(pack, forwards=2, disk_workers=2)
+        assert all(torch.equal(o, ref) for o in outs)
+
+
+def test_prefetch_needs_slots(packs):
+    from wanpack.errors import UsageError
+
+    with pytest.raises(UsageError, match="prefetch"):
+        StreamEngine(PackComponent(packs["by_block"]), StreamOptions(prefetch=2, device_slots=2))
