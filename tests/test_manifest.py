@@ -67,3 +67,18 @@ def test_good_manifest_round_trips(pack):
     assert m.component("dit").num_blocks == 2
     with pytest.raises(PackFormatError, match="convert it with"):
         m.component("clip")
+
+
+def test_format_doc_names_every_manifest_field():
+    """docs/FORMAT.md and manifests/format.py cannot drift apart: every schema field is documented."""
+    import dataclasses
+    from pathlib import Path
+
+    from wanpack.manifests import format as fmt
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md").read_text()
+    classes = (fmt.Manifest, fmt.SourceInfo, fmt.SourceFile, fmt.ComponentEntry, fmt.QuantInfo, fmt.ShardEntry,
+               fmt.TensorEntry, fmt.BlockEntry, fmt.RangeEntry)  # fmt: skip
+    missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c) if f"`{f.name}`" not in doc and f"`{f.name}[]" not in doc and f"`{f.name}." not in doc]
+    assert not missing, f"document these fields in docs/FORMAT.md: {missing}"
+    assert f"MUST be `{fmt.FORMAT_VERSION}`" in doc and str(fmt.ALIGNMENT) in doc and str(fmt.TENSOR_ALIGNMENT) in doc
