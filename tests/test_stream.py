@@ -190,10 +190,10 @@ def test_corrupt_shard_reported_by_name(tmp_path, gran):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x40
     path.write_bytes(bytes(data))
-    with pytest.raises(ChecksumError, match=r"block_1\.safetensors"):
-        with StreamEngine(PackComponent(pack), StreamOptions(granularity=gran, verify=True, disk_workers=2)) as eng:
-            for _ in eng.forward():
-                pass
+    opts = StreamOptions(granularity=gran, verify=True, disk_workers=2)
+    with pytest.raises(ChecksumError, match=r"block_1\.safetensors"), StreamEngine(PackComponent(pack), opts) as eng:
+        for _ in eng.forward():
+            pass
 
 
 def test_truncated_shard_refused_at_open(tmp_path):
@@ -206,11 +206,10 @@ def test_truncated_shard_refused_at_open(tmp_path):
 def test_interrupt_stops_workers_and_frees_buffers(packs):
     eng = StreamEngine(PackComponent(packs["by_block"]), StreamOptions(disk_workers=3, host_slots=3))
     threads = list(eng.reader._threads)
-    with pytest.raises(KeyboardInterrupt):
-        with eng:
-            for unit, _ in eng.forward():
-                if unit.block == 1:
-                    raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), eng:
+        for unit, _ in eng.forward():
+            if unit.block == 1:
+                raise KeyboardInterrupt
     assert not any(t.is_alive() for t in threads)
     assert eng.host.slots == [] and eng.host.cache == {} and eng.files == {}
     assert not any(t.name.startswith("wanpack-disk") for t in threading.enumerate())

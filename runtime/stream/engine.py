@@ -94,6 +94,7 @@ class StreamEngine:
         self._host: dict[int, tuple[torch.Tensor | None, ReadRequest | None, object]] = {}
         self._cache_reqs: dict[int, ReadRequest] = {}
         self._views: dict[tuple[int, int], WeightViews] = {}
+        self._statics: dict[tuple, torch.Tensor] = {}
         self.current_slot = -1
         self.forwards = 0
         try:
@@ -137,15 +138,42 @@ class StreamEngine:
             if not done:
                 self._abandon()
 
-    def run(self, x: torch.Tensor, fn: Callable, *extras: torch.Tensor) -> torch.Tensor:
-        """One forward: ``x = fn(unit, weights, x, *extras)`` per unit; in graph mode replayed from CUDA graphs."""
+    def run(self, x: torch.Tensor, fn: Callable, *extras: torch.Tensor,
+            graph_key: Callable[[Unit, int], tuple] | None = None) -> torch.Tensor:  # fmt: skip
+        """One forward: ``x = fn(unit, weights, x, *extras)`` per unit (fn may also update x in place).
+
+        In graph mode x and the extras are first copied into static buffers that stay put for the whole forward,
+        and each unit's call is captured once per ``graph_key(unit, slot)`` (default: slot + tensor layout) and
+        replayed afterwards. Extras may double as state passed between units (write into them in place).
+        """
+        if self.graphs is None:
+            for unit, weights in self.forward():
+                y = fn(unit, weights, x, *extras)
+                x = x if y is None else y
+            return x
+        x_s = self._static(0, x)
+        ex_s = [self._static(i + 1, e) for i, e in enumerate(extras)]
         for unit, weights in self.forward():
-            if self.graphs is None:
-                x = fn(unit, weights, x, *extras)
-            else:
-                key = (self.current_slot, unit.layout_key())
-                x = self.graphs(key, lambda w, a, *e, u=unit: fn(u, w, a, *e), weights, x, extras)
-        return x.clone() if self.graphs is not None else x
+            key = graph_key(unit, self.current_slot) if graph_key else (self.current_slot, unit.layout_key())
+
+            def thunk(unit=unit, weights=weights) -> None:
+                y = fn(unit, weights, x_s, *ex_s)
+                if y is not None and y is not x_s:
+                    x_s.copy_(y)
+
+            self.graphs.run((key, _sig(x_s), *(_sig(e) for e in ex_s)), thunk)
+        for e, e_s in zip(extras, ex_s, strict=True):
+            e.copy_(e_s)
+        return x_s.clone()
+
+    def _static(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        """The static buffer for argument ``i`` of this shape and dtype (allocated once), holding a copy of ``t``."""
+        key = (i, *_sig(t))
+        if key not in self._statics:
+            self._statics[key] = torch.empty_like(t)
+        buf = self._statics[key]
+        buf.copy_(t)
+        return buf
 
     def stats(self) -> dict:
         return {
@@ -265,7 +293,7 @@ class StreamEngine:
 
     def _abandon(self) -> None:
         """The consumer stopped mid-forward (error, break, Ctrl-C): drain reads and restart at the next forward."""
-        for buf, req, ring in self._host.values():
+        for _buf, req, ring in self._host.values():
             if req is not None:
                 req.done.wait(self.opt.read_timeout_s)
             if ring is not None:
@@ -290,11 +318,10 @@ class StreamEngine:
         covered: set[str] = set()
         for u in self.units:
             sf = self.files[u.shard]
-            if u.shard not in covered and u.offset <= MAX_INLINE_PREFIX and u.offset + u.length >= sf.size:
-                if not any(v.shard == u.shard and v.offset < u.offset for v in self.units):
-                    prefix = os.pread(sf.fd, u.offset, 0) if not sf.direct else _read_prefix(sf.path, u.offset)
-                    inline[u.index] = (prefix, self.pack.entry.shard(u.shard).sha256)
-                    covered.add(u.shard)
+            first = not any(v.shard == u.shard and v.offset < u.offset for v in self.units)
+            if u.shard not in covered and first and u.offset <= MAX_INLINE_PREFIX and u.offset + u.length >= sf.size:
+                inline[u.index] = (_read_prefix(sf.path, u.offset), self.pack.entry.shard(u.shard).sha256)
+                covered.add(u.shard)
         rest = [s for s in self.files if s not in covered]
         with ThreadPoolExecutor(max(1, self.opt.disk_workers)) as pool:
             for shard, digest in zip(rest, pool.map(lambda s: sha256_file(self.files[s]), rest), strict=True):
@@ -306,6 +333,10 @@ class StreamEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise UsageError("this stream engine is closed - open a new one")
+
+
+def _sig(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype
 
 
 def _read_prefix(path, n: int) -> bytes:
