@@ -6,7 +6,8 @@ Memory model (bytes; d = dim, f = ffn_dim, L = tokens, c = activation chunk in t
               + c * (2 * f * 2 + 3 * d * 4)  (one FFN chunk: hidden + GELU out in bf16; fp32 RoPE/norm temporaries)
   RSS  = BASE_RSS + host ring (prefetch + 2 slots) x largest unit + host cache + non-block staging
 Granularities are tried from the fastest to the leanest: ``model`` (everything resident, nothing moves), ``block`` with
-3 then 2 slots, ``phase`` with 4, 3, 2 slots; chunks from the whole sequence down to MIN_CHUNK. The first that fits wins.
+3 then 2 slots, ``phase`` with 4, 3, 2 slots; for each, chunks from the whole sequence down to PREFERRED_CHUNK. The
+first that fits wins; only when none does are chunks down to MIN_CHUNK tried, in the same order.
 The host cache takes what RAM is left: every block (later steps never read the disk), an evenly spread fixed subset
 (spreading keeps disk reads interleaved with cached blocks, so the disk works while cached blocks compute), or none.
 The constants are estimates, checked against measured peaks by benchmarks/stream_bench.py.
@@ -29,6 +30,7 @@ ACT_PER_TOKEN_DIM = 4 + 5 * 2
 FRAGMENTATION = 0.10
 BASE_RSS = int(1.0 * GiB)  # interpreter + torch + CUDA host-side state, measured order of magnitude
 MIN_CHUNK = 1024
+PREFERRED_CHUNK = 4096  # below this, GEMMs lose efficiency: try every granularity at >= this first
 RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720)}
 
 
@@ -155,13 +157,16 @@ def plan(pack: PackComponent, *, vram_budget: int, ram_budget: int, width: int, 
     chunks = sorted({tokens} | {c for c in (65536, 32768, 16384, 8192, 4096, 2048, MIN_CHUNK) if c < tokens},
                     reverse=True)  # fmt: skip
     best = None
-    for gran, k in candidates:
-        unit = sizes["block" if gran == "model" else gran]
-        for chunk in chunks:
-            act = activation_bytes(tokens, dim, ffn_dim, chunk)
-            need = non_block + k * unit + int(act * (1 + FRAGMENTATION))
-            if need <= vram_budget:
-                best = (gran, k, unit, chunk, act, need)
+    for floor in (min(PREFERRED_CHUNK, tokens), MIN_CHUNK):  # first keep GEMMs efficient, then squeeze
+        for gran, k in candidates:
+            unit = sizes["block" if gran == "model" else gran]
+            for chunk in (c for c in chunks if c >= floor):
+                act = activation_bytes(tokens, dim, ffn_dim, chunk)
+                need = non_block + k * unit + int(act * (1 + FRAGMENTATION))
+                if need <= vram_budget:
+                    best = (gran, k, unit, chunk, act, need)
+                    break
+            if best:
                 break
         if best:
             break

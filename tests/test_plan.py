@@ -1,0 +1,125 @@
+"""Planner decisions against hand-computed budgets, and the `wanpack plan` / `wanpack bench` commands (CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from stream_packs import make_pack
+from typer.testing import CliRunner
+
+from wanpack.cli import app
+from wanpack.runtime.pack import PackComponent
+from wanpack.runtime.stream import planner
+from wanpack.runtime.stream.planner import GiB, MiB, BudgetError, parse_resolution, parse_size, plan
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Path:
+    return make_pack(tmp_path_factory.mktemp("plan") / "p", layers=6)
+
+
+def need(pc: PackComponent, gran: str, k: int, tokens: int, chunk: int) -> int:
+    """The documented VRAM formula, written out independently of the planner's loop."""
+    cfg = pc.entry.config
+    act = tokens * cfg["dim"] * (4 + 10) + chunk * (2 * cfg["ffn_dim"] * 2 + 3 * cfg["dim"] * 4)
+    unit = pc.max_unit_bytes("block" if gran == "model" else gran)
+    return pc.non_block_bytes() + k * unit + int(act * 1.1)
+
+
+def test_parse_size_and_resolution():
+    assert parse_size("8GiB") == 8 * GiB == parse_size("8G") == parse_size("8gb")
+    assert parse_size("512MiB") == 512 * MiB and parse_size(1234) == 1234
+    assert parse_resolution("480p") == (832, 480) and parse_resolution("1280x720") == (1280, 720)
+    with pytest.raises(planner.UsageError):
+        parse_size("eight gigs")
+    with pytest.raises(planner.UsageError):
+        parse_resolution("833x480")
+
+
+def test_tokens_match_wan_sequence_lengths(pack):
+    pc = PackComponent(pack)
+    assert plan(pc, vram_budget=64 * GiB, ram_budget=64 * GiB, width=832, height=480, frames=81).tokens == 32760
+    assert plan(pc, vram_budget=64 * GiB, ram_budget=64 * GiB, width=1280, height=720, frames=81).tokens == 75600
+
+
+def test_granularity_steps_down_as_vram_shrinks(pack):
+    pc = PackComponent(pack)
+    tokens = 32760
+    args = {"ram_budget": 64 * GiB, "width": 832, "height": 480, "frames": 81}
+    model_need = need(pc, "model", 6, tokens, tokens)
+    p = plan(pc, vram_budget=model_need, **args)
+    assert (p.granularity, p.ffn_chunk) == ("model", tokens)
+    short = need(pc, "model", 6, tokens, planner.PREFERRED_CHUNK) - 1  # resident only with too-small chunks
+    p = plan(pc, vram_budget=short, **args)
+    assert (p.granularity, p.device_slots, p.prefetch) == ("block", 3, 2)
+    assert p.peak_vram == need(pc, "block", 3, tokens, p.ffn_chunk) <= short
+    phase_min = need(pc, "phase", 2, tokens, planner.MIN_CHUNK)
+    p = plan(pc, vram_budget=phase_min, **args)
+    assert (p.granularity, p.device_slots, p.ffn_chunk) == ("phase", 2, planner.MIN_CHUNK)
+    with pytest.raises(BudgetError, match=f"{phase_min / GiB:.2f} GiB"):
+        plan(pc, vram_budget=phase_min - 1, **args)
+
+
+def test_host_cache_all_subset_none(pack):
+    pc = PackComponent(pack)
+    args = {"vram_budget": need(pc, "block", 3, 32760, 32760), "width": 832, "height": 480, "frames": 81,
+            "granularity": "block"}
+    units = pc.units("block")
+    unit = max(u.length for u in units)
+    base = planner.BASE_RSS + 4 * unit + pc.non_block_bytes()  # ring of prefetch + 2 = 4 slots
+    p = plan(pc, ram_budget=base + sum(u.length for u in units), **args)
+    assert p.cache_policy == "all" and p.cache_units == list(range(6))
+    p = plan(pc, ram_budget=base + 3 * unit, **args)
+    assert p.cache_policy == "subset" and p.cache_units == [0, 2, 4]  # spread, not the first three
+    assert p.peak_rss == base + 3 * unit
+    p = plan(pc, ram_budget=base, **args)
+    assert p.cache_policy == "none" and p.cache_units == []
+    with pytest.raises(BudgetError, match="RAM"):
+        plan(pc, ram_budget=base - 1, **args)
+    assert plan(pc, ram_budget=64 * GiB, cache="none", **args).cache_policy == "none"
+
+
+def test_plan_options_drive_the_engine(pack):
+    from wanpack.runtime.stream.engine import StreamEngine
+
+    pc = PackComponent(pack)
+    p = plan(pc, vram_budget=need(pc, "block", 2, 32760, planner.PREFERRED_CHUNK), ram_budget=64 * GiB, width=832,
+             height=480, frames=81, granularity="block")  # fmt: skip
+    with StreamEngine(pc, p.options(disk_workers=2)) as eng:
+        assert eng.k == p.device_slots == 2 and eng.prefetch == 1
+        assert sum(1 for _ in eng.forward()) == 6
+
+
+def test_plan_command_table_json_and_refusal(pack):
+    res = runner.invoke(app, ["plan", str(pack), "--vram-budget", "8GiB", "--ram-budget", "16GiB",
+                              "--resolution", "480p", "--frames", "81"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "granularity" in res.output and "peak VRAM" in res.output
+    res = runner.invoke(app, ["plan", str(pack), "--vram-budget", "8GiB", "--ram-budget", "16GiB", "--json",
+                              "-r", "720p", "--granularity", "phase"])  # fmt: skip
+    data = json.loads(res.stdout)
+    assert data["granularity"] == "phase" and data["tokens"] == 75600
+    res = runner.invoke(app, ["plan", str(pack), "--vram-budget", "1MiB", "--ram-budget", "16GiB"])
+    assert res.exit_code == 2
+    assert "needs at least" in res.output
+
+
+def test_bench_command_runs_on_cpu(pack, tmp_path):
+    timeline = tmp_path / "tl.json"
+    res = runner.invoke(app, ["bench", str(pack), "--vram-budget", "1GiB", "--ram-budget", "8GiB", "--latent",
+                              "1x4x4", "--small-latent", "none", "--repeats", "1", "--model", "proxy",
+                              "--timeline", str(timeline), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    runs = data["runs"]
+    assert set(runs) == {"resident", "streamed_cached", "streamed_disk"}
+    n = sum(u.length for u in PackComponent(pack).units("block"))
+    assert runs["resident"]["h2d_bytes_per_forward"] == 0  # resident moves nothing after its first forward
+    assert runs["streamed_disk"]["disk_bytes_per_forward"] > 0 and runs["streamed_cached"]["disk_bytes_per_forward"] == 0
+    assert runs["streamed_disk"]["h2d_bytes_per_forward"] == n
+    rows = json.loads(timeline.read_text())
+    assert {r["kind"] for r in rows} == {"copy", "compute"}
