@@ -1,9 +1,11 @@
 """The planner: from VRAM/RAM budgets and the video size, how to stream a pack (or refuse, saying what it needs).
 
-Memory model (bytes; d = dim, f = ffn_dim, L = tokens, c = activation chunk in tokens):
+Memory model (bytes; d = dim, f = ffn_dim, L = tokens, c = activation chunk in tokens, B = blocks, T = context tokens);
+the activation terms mirror the accounting of runtime/models/dit.py (``activation_memory``):
   VRAM = non-block weights (resident) + K slots x largest unit + activations x (1 + FRAGMENTATION)
-  activations = L * d * ACT_PER_TOKEN_DIM  (fp32 residual stream + bf16 normed input, q, k, v, attention out)
-              + c * (2 * f * 2 + 3 * d * 4)  (one FFN chunk: hidden + GELU out in bf16; fp32 RoPE/norm temporaries)
+  activations = L*d*4 (fp32 residual) + 2*L*d*2 (self-attention K, V) + L*hd*4 (RoPE cos/sin)
+              + c * max((6*4 + 4*2)*d, (3*4 + 2*2)*d + 2*2*f)  (one chunk's temporaries, self-attention or FFN)
+              + B * 2*T*d*2  (cached cross-attention K/V of every block)
   RSS  = BASE_RSS + host ring (prefetch + 2 slots) x largest unit + host cache + non-block staging
 Granularities are tried from the fastest to the leanest: ``model`` (everything resident, nothing moves), ``block`` with
 3 then 2 slots, ``phase`` with 4, 3, 2 slots; for each, chunks from the whole sequence down to PREFERRED_CHUNK. The
@@ -26,10 +28,10 @@ from wanpack.runtime.stream.engine import StreamOptions
 
 GiB = 1 << 30
 MiB = 1 << 20
-ACT_PER_TOKEN_DIM = 4 + 5 * 2
 FRAGMENTATION = 0.10
 BASE_RSS = int(1.0 * GiB)  # interpreter + torch + CUDA host-side state, measured order of magnitude
 MIN_CHUNK = 1024
+MAX_CHUNK = 8192  # longer chunks buy no speed, only memory
 PREFERRED_CHUNK = 4096  # below this, GEMMs lose efficiency: try every granularity at >= this first
 RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720)}
 
@@ -106,8 +108,14 @@ def latent_shape(width: int, height: int, frames: int) -> tuple[int, int, int]:
     return (frames - 1) // 4 + 1, height // 8, width // 8
 
 
-def activation_bytes(tokens: int, dim: int, ffn_dim: int, chunk: int) -> int:
-    return tokens * dim * ACT_PER_TOKEN_DIM + chunk * (2 * ffn_dim * 2 + 3 * dim * 4)
+def activation_bytes(cfg: dict, tokens: int, chunk: int, blocks: int) -> int:
+    """Peak activation bytes of a DiT forward (see the module docstring for the terms)."""
+    d, f = int(cfg["dim"]), int(cfg["ffn_dim"])
+    head_dim = d // int(cfg["num_heads"])
+    context = int(cfg.get("text_len", 512)) + (int(cfg.get("image_tokens", 257)) if cfg.get("model_type") == "i2v" else 0)
+    per_token = max((6 * 4 + 4 * 2) * d, (3 * 4 + 2 * 2) * d + 2 * 2 * f)
+    full = tokens * d * 4 + 2 * tokens * d * 2 + tokens * head_dim * 4
+    return full + min(chunk, tokens) * per_token + blocks * 2 * context * d * 2
 
 
 def detect_budgets() -> tuple[int | None, int | None]:
@@ -144,7 +152,6 @@ def plan(pack: PackComponent, *, vram_budget: int, ram_budget: int, width: int, 
          granularity: str | None = None, disk_workers: int | None = None, cache: str = "auto") -> Plan:  # fmt: skip
     """Choose the fastest plan that fits both budgets, or raise BudgetError with the minimum needed."""
     cfg = pack.entry.config
-    dim, ffn_dim = int(cfg["dim"]), int(cfg["ffn_dim"])
     pt, ph, pw = cfg.get("patch_size", (1, 2, 2))
     lat = latent_shape(width, height, frames)
     tokens = math.ceil(lat[0] / pt) * (lat[1] // ph) * (lat[2] // pw)
@@ -154,14 +161,13 @@ def plan(pack: PackComponent, *, vram_budget: int, ram_budget: int, width: int, 
     candidates = [("model", n_blocks), ("block", 3), ("block", 2), ("phase", 4), ("phase", 3), ("phase", 2)]
     if granularity is not None:
         candidates = [c for c in candidates if c[0] == granularity]
-    chunks = sorted({tokens} | {c for c in (65536, 32768, 16384, 8192, 4096, 2048, MIN_CHUNK) if c < tokens},
-                    reverse=True)  # fmt: skip
+    chunks = sorted({min(tokens, MAX_CHUNK)} | {c for c in (4096, 2048, MIN_CHUNK) if c < tokens}, reverse=True)
     best = None
     for floor in (min(PREFERRED_CHUNK, tokens), MIN_CHUNK):  # first keep GEMMs efficient, then squeeze
         for gran, k in candidates:
             unit = sizes["block" if gran == "model" else gran]
             for chunk in (c for c in chunks if c >= floor):
-                act = activation_bytes(tokens, dim, ffn_dim, chunk)
+                act = activation_bytes(cfg, tokens, chunk, n_blocks)
                 need = non_block + k * unit + int(act * (1 + FRAGMENTATION))
                 if need <= vram_budget:
                     best = (gran, k, unit, chunk, act, need)
@@ -173,7 +179,7 @@ def plan(pack: PackComponent, *, vram_budget: int, ram_budget: int, width: int, 
     if best is None:
         gran, k = candidates[-1]
         unit = sizes["block" if gran == "model" else gran]
-        act = activation_bytes(tokens, dim, ffn_dim, min(MIN_CHUNK, tokens))
+        act = activation_bytes(cfg, tokens, MIN_CHUNK, n_blocks)
         need = non_block + k * unit + int(act * (1 + FRAGMENTATION))
         raise BudgetError(f"{width}x{height}x{frames} needs at least {need / GiB:.2f} GiB of VRAM ({gran} "
                           f"granularity, {k} slots, {min(MIN_CHUNK, tokens)}-token chunks) but the budget is "
