@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from wanpack.manifests.run_config import DISTILL_STEP_LIST
 from wanpack.runtime.sampling.base import FlowScheduler
 from wanpack.runtime.sampling.schedule import (
     NUM_TRAIN_TIMESTEPS,
@@ -19,8 +20,6 @@ from wanpack.runtime.sampling.schedule import (
 )
 
 from wanpack.errors import UsageError
-
-DISTILL_STEP_LIST = (1000, 750, 500, 250)
 
 
 class _EulerBase(FlowScheduler):
