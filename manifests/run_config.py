@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wanpack.errors import UsageError
 from wanpack.manifests.arch import DIT_ARCHS
 from wanpack.manifests.format import QUANT_SCHEMES
-
-from wanpack.errors import UsageError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 SAMPLERS = ("unipc", "dpm++", "euler", "distill")

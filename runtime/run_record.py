@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from wanpack.runtime.video import atomic_path
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from wanpack.errors import UsageError
 from wanpack.manifests.run_config import DISTILL_STEP_LIST, SAMPLERS
 from wanpack.runtime.sampling.base import FlowScheduler, cfg_combine, cfg_combine_batch
 from wanpack.runtime.sampling.dpmpp import FlowDPMPPScheduler
 from wanpack.runtime.sampling.euler import DistillEulerScheduler, FlowEulerScheduler
 from wanpack.runtime.sampling.unipc import FlowUniPCScheduler
-
-from wanpack.errors import UsageError
 
 __all__ = [
     "DISTILL_STEP_LIST",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from wanpack.runtime.sampling.base import FlowScheduler, log_snr
 from wanpack.runtime.sampling.schedule import dpmpp_sigmas, int_timesteps, with_final_zero
 

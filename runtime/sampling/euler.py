@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from wanpack.errors import UsageError
 from wanpack.manifests.run_config import DISTILL_STEP_LIST
 from wanpack.runtime.sampling.base import FlowScheduler
 from wanpack.runtime.sampling.schedule import (
@@ -18,8 +20,6 @@ from wanpack.runtime.sampling.schedule import (
     float_timesteps,
     with_final_zero,
 )
-
-from wanpack.errors import UsageError
 
 
 class _EulerBase(FlowScheduler):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from wanpack.runtime.sampling.base import FlowScheduler, log_snr
 from wanpack.runtime.sampling.schedule import int_timesteps, unipc_sigmas, with_final_zero
 
