@@ -272,7 +272,7 @@ def resolve_run_config(preset: str | None = None, config: str | Path | Mapping[s
 
 
 def _nearest_4n1(frames: int) -> int:
-    return max(1, 4 * round((frames - 1) / 4) + 1)
+    return max(1, 4 * int((frames - 1) / 4 + 0.5) + 1)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -282,7 +282,7 @@ def validate(cfg: RunConfig) -> None:
     for name in ("height", "width"):
         value = getattr(cfg, name)
         if value < 16 or value % 16:
-            fix = max(16, round(value / 16) * 16)
+            fix = max(16, int(value / 16 + 0.5) * 16)
             raise UsageError(f"{name} must be a positive multiple of 16, got {value} - use {fix}")
     _check_range(cfg.steps >= 1, "steps", cfg.steps, "at least 1")
     _check_range(cfg.shift > 0, "shift", cfg.shift, "positive (5.0; 3.0 for I2V at 480p)")
