@@ -38,6 +38,8 @@ def check_output_path(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise UsageError(f"output {path} is a directory - give a file name such as {path / 'video.mp4'}")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"output folder {parent} is not a folder - choose another --out")
     if not parent.is_dir():
         raise UsageError(f"output folder {parent} does not exist - create it or choose another --out")
     try:
