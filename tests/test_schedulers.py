@@ -21,6 +21,10 @@ from wanpack.runtime.sampling import (
     FlowUniPCScheduler,
     cfg_combine,
     cfg_combine_batch,
+    denoise,
+    i2v_latent_hw,
+    initial_noise,
+    latent_shape,
     make_scheduler,
 )
 
@@ -211,3 +215,51 @@ def test_cfg_combine():
     torch.testing.assert_close(cfg_combine_batch(batch, 5.0), torch.tensor([[11.0, 1.0]]))
     with pytest.raises(UsageError):
         cfg_combine_batch(cond[None], 5.0)
+
+
+def test_denoise_loop_batches_cfg_into_one_call():
+    """denoise() == a hand-written loop with separate cond/uncond calls; one batched call per step."""
+    cond_shift = torch.linspace(-0.5, 0.5, SHAPE[1]).view(1, -1, 1, 1, 1)
+    calls = []
+
+    def velocity(x, t):
+        calls.append((x.shape[0], t.tolist()))
+        branch = torch.tensor([1.0, 0.0][: x.shape[0]]).view(-1, 1, 1, 1, 1)  # cond row gets the extra term
+        return fake_model(x, t[0]) + branch * cond_shift
+
+    noise = initial_noise(SHAPE, seed=3)
+    out = denoise(velocity, noise, make_scheduler("unipc", 6, 5.0), guidance=5.0)
+    assert len(calls) == 6 and all(b == 2 and len(set(t)) == 1 for b, t in calls)
+
+    sched, x = make_scheduler("unipc", 6, 5.0), noise
+    for i, t in enumerate(sched.timesteps):
+        uncond = fake_model(x, t)
+        x = sched.step(cfg_combine(uncond + cond_shift, uncond, 5.0), i, x)
+    torch.testing.assert_close(out, x, atol=1e-6, rtol=1e-6)
+
+    steps = []
+    plain = denoise(lambda x, t: fake_model(x, t[0]), noise, make_scheduler("distill", 4, 5.0),
+                    on_step=lambda i, n: steps.append((i, n)))  # fmt: skip
+    assert steps == [(0, 4), (1, 4), (2, 4), (3, 4)] and plain.shape == noise.shape
+
+
+def test_initial_noise_is_seeded_and_standard():
+    a, b = initial_noise((16, 5, 8, 8), 42), initial_noise((16, 5, 8, 8), 42)
+    assert torch.equal(a, b) and a.dtype == torch.float32
+    assert not torch.equal(a, initial_noise((16, 5, 8, 8), 43))
+    assert abs(a.mean().item()) < 0.1 and abs(a.std().item() - 1.0) < 0.1
+
+
+def test_latent_geometry_matches_the_reference_numbers():
+    assert latent_shape(81, 480, 832) == (16, 21, 60, 104)
+    assert latent_shape(81, 720, 1280) == (16, 21, 90, 160)
+    # An 832x480 image at 480p: sqrt(399360 * 480/832) is 479.99999999999994 in float64, so the reference's floor
+    # gives 58 latent rows (464 px), not 60. Reproduced on purpose.
+    assert i2v_latent_hw(480 * 832, 480, 832) == (58, 104)
+    assert i2v_latent_hw(480 * 832, 1080, 1920) == (58, 104)
+    assert i2v_latent_hw(720 * 1280, 720, 1280) == (90, 160)
+    assert i2v_latent_hw(480 * 832, 512, 512) == (78, 78)
+    # Independent re-statement with numpy: round(sqrt(area * h/w) // 8 // 2 * 2).
+    for h, w in [(600, 400), (333, 1000), (1024, 768)]:
+        expect = (round(np.sqrt(480 * 832 * h / w) // 8 // 2 * 2), round(np.sqrt(480 * 832 * w / h) // 8 // 2 * 2))
+        assert i2v_latent_hw(480 * 832, h, w) == expect

@@ -9,6 +9,7 @@ from wanpack.manifests.run_config import DISTILL_STEP_LIST, SAMPLERS
 from wanpack.runtime.sampling.base import FlowScheduler, cfg_combine, cfg_combine_batch
 from wanpack.runtime.sampling.dpmpp import FlowDPMPPScheduler
 from wanpack.runtime.sampling.euler import DistillEulerScheduler, FlowEulerScheduler
+from wanpack.runtime.sampling.loop import denoise, i2v_latent_hw, initial_noise, latent_shape
 from wanpack.runtime.sampling.unipc import FlowUniPCScheduler
 
 __all__ = [
@@ -21,6 +22,10 @@ __all__ = [
     "FlowUniPCScheduler",
     "cfg_combine",
     "cfg_combine_batch",
+    "denoise",
+    "i2v_latent_hw",
+    "initial_noise",
+    "latent_shape",
     "make_scheduler",
 ]
 
