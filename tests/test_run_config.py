@@ -170,3 +170,12 @@ def test_to_dict_is_json_ready_and_round_trips():
     data.pop("preset")
     again = resolve_run_config(config=data)
     assert dataclasses.replace(again, preset="distill-4step") == cfg
+
+
+def test_docs_list_every_key_and_preset():
+    """docs/SAMPLING.md and the code cannot drift: every accepted key and every preset is documented."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "SAMPLING.md").read_text(encoding="utf-8")
+    missing = [k for k in known_keys() + preset_names() if f"`{k}`" not in text]
+    assert not missing, f"docs/SAMPLING.md does not mention {missing}"
