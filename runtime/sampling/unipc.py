@@ -47,7 +47,7 @@ class FlowUniPCScheduler(FlowScheduler):
         return self._predict(i, x, order)
 
     def _base_update(self, x: torch.Tensor, m0: torch.Tensor, src: int, dst: int) -> tuple[torch.Tensor, float, float]:
-        """First-order (DPM-Solver++ 1) move from sigma[src] to sigma[dst]; also returns h*phi_1 and B(h)."""
+        """First-order (DPM-Solver++ 1) move from sigma[src] to sigma[dst]; also returns hh = -h and e^hh - 1 = B(h)."""
         hh = -(self._lam(dst) - self._lam(src))
         h_phi_1 = math.expm1(hh)
         alpha_t = 1.0 - self.sigmas[dst]
