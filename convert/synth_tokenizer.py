@@ -20,7 +20,7 @@ from wanpack.errors import UsageError
 SPECIALS = ("<pad>", "</s>", "<unk>")
 SPACE = "\u2581"  # sentencepiece's word-start marker
 # Words common in video prompts: whole-word pieces make tokenization of test prompts realistic (few pieces per word).
-_WORDS = (
+_WORD_TEXT = (
     "a an the of in on at to and with from by is are for over under through into near its his her their this that "
     "cat dog bird horse fish man woman child people car boat train city street forest river sea ocean beach mountain "
     "sky cloud clouds sun moon night day light water fire snow rain wind tree trees flower flowers grass field road "
@@ -28,7 +28,8 @@ _WORDS = (
     "red blue green yellow white black orange purple golden bright dark small big large old young slow fast "
     "camera shot close view scene video style cinematic realistic detailed high quality motion background "
     "wearing holding riding walks runs flies looks"
-).split()
+)
+_WORDS = tuple(_WORD_TEXT.split())
 
 
 def _pieces(vocab_size: int) -> list[tuple[str, float]]:
