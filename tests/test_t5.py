@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 CFG = encoder_config("t5", dim_scale="tiny")  # vocab 512, dim 32, 4 heads of 8, ffn 64, 2 layers
 # fp32 on both sides; the two implementations differ only in summation order (SDPA vs eager softmax), so the
-# outputs (unit RMS after the final norm) agree to a few fp32 ulps of the largest values.
+# outputs (unit RMS after the final norm, largest ~4) agree to a few fp32 ulps (measured max abs error 7.7e-6).
 FP32_ATOL = 2e-5
 
 
