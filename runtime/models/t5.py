@@ -96,15 +96,18 @@ class T5Encoder:
 
     # ----------------------------------------------------------------------------------------------- non-block part
 
-    def embed(self, weights: Weights, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, T5Context]:
+    def embed(self, weights: Weights, ids: torch.Tensor, mask: torch.Tensor,
+              device: torch.device | str | None = None) -> tuple[torch.Tensor, T5Context]:  # fmt: skip
         """Token ids [B, L] and mask [B, L] (1 = real token, 0 = padding, padding at the end) -> x [B, L, dim].
 
-        ``weights`` holds ``token_embedding.weight`` (full names). The context goes to every block.
+        ``weights`` holds ``token_embedding.weight`` (full names). The lookup runs where that table lives; x and the
+        context (which goes to every block) are then put on ``device`` (default: the table's). The real table is
+        2 GiB, so on a small GPU it can stay in host RAM and only the looked-up rows cross the bus.
         """
         lengths = _check_tokens(ids, mask, self.cfg.vocab)
         table = need(weights, "token_embedding.weight", "T5 embedding")
-        device = table.device
-        x = F.embedding(ids.to(device=device, dtype=torch.long), table).to(self.dtype)
+        device = torch.device(device) if device is not None else table.device
+        x = F.embedding(ids.to(device=table.device, dtype=torch.long), table).to(device=device, dtype=self.dtype)
         key_padding = (mask.to(device) == 0)[:, None, None, :]
         buckets = relative_buckets(ids.shape[1], self.cfg.num_buckets, self.cfg.max_dist, device)
         return x, T5Context(key_padding=key_padding, buckets=buckets, lengths=lengths)
@@ -145,8 +148,12 @@ class T5Encoder:
     # ----------------------------------------------------------------------------------------------- resident runner
 
     def __call__(self, weights: Weights, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """Encode with every weight resident (full checkpoint names). ids, mask [B, L] -> B tensors [len_i, dim]."""
-        x, ctx = self.embed(weights, ids, mask)
+        """Encode with every weight resident (full checkpoint names). ids, mask [B, L] -> B tensors [len_i, dim].
+
+        Activations follow the first block's weights, so the embedding table may live on another device.
+        """
+        device = need(weights, "blocks.0.attn.q.weight", "T5 attention").device
+        x, ctx = self.embed(weights, ids, mask, device=device)
         for n in range(self.num_blocks):
             x = self.block(block_view(weights, self.block_prefix(n)), x, ctx)
         return self.finish(weights, x, ctx)
