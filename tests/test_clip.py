@@ -182,3 +182,31 @@ def test_bad_weights_are_pack_errors(weights):
         enc({k: v for k, v in weights.items() if k != "visual.pos_embedding"}, images(1))
     with pytest.raises(UsageError, match="no phase"):
         enc.phase("ffn")
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_matches_cpu(weights):
+    """On CUDA in fp16 (Wan's CLIP precision), images handed over on the CPU: within 2% of the CPU fp32 run."""
+    img = images(2)
+    ref = CLIPVision(CFG, dtype=torch.float32)(weights, img)
+    got = CLIPVision(CFG, dtype=torch.float16)({k: v.cuda() for k, v in weights.items()}, img)
+    assert got.is_cuda and got.shape == ref.shape
+    assert ((got.float().cpu() - ref).norm() / ref.norm()).item() < 0.02
+
+
+def test_converted_int8_pack_runs(tmp_path):
+    """synth -> `convert --quant int8` -> the pack's CLIP tensors (text tower, post_norm and head dropped) give the
+    fp32 source's features within 2% rel L2 (measured 0.8%)."""
+    from safetensors.torch import load_file
+    from wanpack.convert.converter import ConvertOptions, convert_checkpoint
+
+    synth_checkpoint(tmp_path / "src", "wan2.1-i2v-14b", layers=1, dim_scale="tiny", components=("clip",))
+    convert_checkpoint(tmp_path / "src", tmp_path / "pack", ConvertOptions(components=("clip",), quant="int8"))
+    packed = {k: v for shard in sorted((tmp_path / "pack" / "clip").glob("*.safetensors"))
+              for k, v in load_file(shard).items() if not k.startswith("__wanpack_pad")}  # fmt: skip
+    assert packed["visual.transformer.0.attn.to_qkv.weight"].dtype == torch.int8
+    assert not any(k.startswith(("textual.", "visual.post_norm", "visual.head")) for k in packed)
+    source = torch.load(tmp_path / "src" / HUB_FILES["clip"], weights_only=True)
+    enc, img = CLIPVision(CFG, dtype=torch.float32), images(1)
+    got, ref = enc(packed, img), enc(source, img)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.02
