@@ -110,15 +110,18 @@ def test_preprocess_squashes_without_crop():
 
 
 def test_phase_by_phase_equals_resident(weights):
-    """The streaming engine's view (block-relative dicts, one phase at a time) gives the resident result exactly."""
+    """What the streaming engine does gives the resident result exactly: each phase callable gets ONLY the tensors
+    the manifest layout puts in that phase (manifests.arch.clip_tensors), with block-relative names."""
     enc = CLIPVision(CFG, dtype=torch.float32)
+    assert enc.phases == CFG.phases
     img = images(1)
-    non_block = {k: v for k, v in weights.items() if not k.startswith("visual.transformer.")}
+    non_block = {s.name: weights[s.name] for s in clip_tensors(CFG) if s.block is None}
     x, ctx = enc.embed(non_block, img)
     for n in range(enc.num_blocks):
-        block = block_view(weights, enc.block_prefix(n))
         for phase in enc.phases:
-            x = enc.phase(phase)(block, x, ctx)
+            names = [s.name for s in clip_tensors(CFG) if s.block == n and s.phase == phase]
+            only_phase = block_view({k: weights[k] for k in names}, enc.block_prefix(n))
+            x = enc.phase(phase)(only_phase, x, ctx)
     assert torch.equal(enc.finish(non_block, x, ctx), enc(weights, img))
 
 
