@@ -54,12 +54,15 @@ def layer_norm(x: torch.Tensor, weights: Weights, name: str, eps: float, part: s
 class CLIPVision:
     """ViT vision tower over a weight dict; holds only the config and the compute dtype, never the weights."""
 
-    phases = ("attn", "mlp")
-
     def __init__(self, cfg: CLIPConfig, dtype: torch.dtype = torch.float16):
         self.cfg = cfg
         self.dtype = dtype
         self.head_dim = cfg.dim // cfg.num_heads
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """Phase names in execution order, as the manifest records them (the config owns them)."""
+        return self.cfg.phases
 
     @property
     def num_blocks(self) -> int:

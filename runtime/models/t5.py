@@ -73,12 +73,15 @@ def _fp16_guard(x: torch.Tensor) -> torch.Tensor:
 class T5Encoder:
     """umt5 encoder over a weight dict; holds only the config and the compute dtype, never the weights."""
 
-    phases = ("attn", "ffn")
-
     def __init__(self, cfg: T5Config, dtype: torch.dtype = torch.bfloat16):
         self.cfg = cfg
         self.dtype = dtype
         self.head_dim = cfg.dim_attn // cfg.num_heads
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """Phase names in execution order, as the manifest records them (the config owns them)."""
+        return self.cfg.phases
 
     @property
     def num_blocks(self) -> int:
