@@ -11,9 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-from wanpack.manifests.format import MANIFEST_NAME
-
 from wanpack.errors import UsageError
+from wanpack.manifests.format import MANIFEST_NAME
 
 TMP_MARK = ".wanpack-tmp-"
 

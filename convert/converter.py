@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from wanpack import __version__
 from wanpack.convert.atomic import AtomicPackDir
 from wanpack.convert.lora import Lora
 from wanpack.convert.pack_layout import (
@@ -37,6 +39,7 @@ from wanpack.convert.quantize import check_scheme, dequantize_weight, quantize_w
 from wanpack.convert.safetensors_io import ST_TO_TORCH
 from wanpack.convert.sources import PthSource, SafetensorsSource, open_pth_source, open_safetensors_source, sha256_file
 from wanpack.convert.synth import HUB_FILES, SYNTH_DECLARATION
+from wanpack.errors import NoSpaceError, SourceError, UsageError
 from wanpack.manifests import arch as archs
 from wanpack.manifests.format import (
     ComponentEntry,
@@ -45,9 +48,6 @@ from wanpack.manifests.format import (
     SourceInfo,
     write_manifest,
 )
-
-from wanpack import __version__
-from wanpack.errors import NoSpaceError, SourceError, UsageError
 
 COMPONENTS = ("dit", "t5", "clip", "vae")
 TOKENIZER_DIR = "google/umt5-xxl"

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from wanpack.convert.safetensors_io import StHeader, StTensorInfo, read_tensor
 
+from wanpack.convert.safetensors_io import StHeader, StTensorInfo, read_tensor
 from wanpack.errors import SourceError, UsageError
 
 _PREFIXES = ("diffusion_model.", "model.diffusion_model.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from wanpack.convert.safetensors_io import PlannedTensor, ShardLayout, plan_shard, st_dtype
 from wanpack.manifests.arch import TensorSpec
 from wanpack.manifests.format import BlockEntry, QuantInfo, RangeEntry, ShardEntry, TensorEntry

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from wanpack.convert.safetensors_io import ST_TO_TORCH, StHeader, StTensorInfo, read_tensor, st_dtype
 
+from wanpack.convert.safetensors_io import ST_TO_TORCH, StHeader, StTensorInfo, read_tensor, st_dtype
 from wanpack.errors import SourceError
 
 DIT_SINGLE = "diffusion_pytorch_model.safetensors"

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
 from wanpack.convert.safetensors_io import PlannedTensor, ShardWriter, plan_shard, st_dtype
 from wanpack.convert.synth_tokenizer import synth_tokenizer
+from wanpack.errors import UsageError
 from wanpack.manifests.arch import (
     CLIPConfig,
     DiTConfig,
@@ -27,8 +29,6 @@ from wanpack.manifests.arch import (
     dit_config,
     encoder_config,
 )
-
-from wanpack.errors import UsageError
 
 SYNTH_DECLARATION = "wanpack_synth.json"  # tells the converter the configs of this synthetic checkpoint
 DIT_SINGLE = "diffusion_pytorch_model.safetensors"

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from wanpack.convert.safetensors_io import StHeader
 from wanpack.convert.sources import sha256_file
-from wanpack.manifests.format import read_manifest
-
 from wanpack.errors import SourceError
+from wanpack.manifests.format import read_manifest
 
 
 def verify_pack(pack: str | os.PathLike) -> tuple[dict[str, str], int]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from wanpack.convert.quantize import quantize_weight
 from wanpack.convert.synth import HUB_FILES, random_tensor, synth_checkpoint
+from wanpack.errors import PackFormatError, UsageError
 from wanpack.manifests.arch import CLIPConfig, clip_tensors, encoder_config
 from wanpack.runtime.models.clip import CLIP_MEAN, CLIP_STD, CLIPVision, preprocess
 from wanpack.runtime.models.weight_dict import block_view
-
-from wanpack.errors import PackFormatError, UsageError
 
 transformers = pytest.importorskip("transformers")
 
@@ -201,6 +201,7 @@ def test_converted_int8_pack_runs(tmp_path):
     """synth -> `convert --quant int8` -> the pack's CLIP tensors (text tower, post_norm and head dropped) give the
     fp32 source's features within 2% rel L2 (measured 0.8%)."""
     from safetensors.torch import load_file
+
     from wanpack.convert.converter import ConvertOptions, convert_checkpoint
 
     synth_checkpoint(tmp_path / "src", "wan2.1-i2v-14b", layers=1, dim_scale="tiny", components=("clip",))

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from wanpack.convert.quantize import quantize_weight
 from wanpack.convert.synth import HUB_FILES, TOKENIZER_DIR, random_tensor, synth_checkpoint
+from wanpack.errors import PackFormatError, UsageError, WanpackError
 from wanpack.manifests.arch import encoder_config, t5_tensors
 from wanpack.runtime.models.t5 import T5Encoder, relative_buckets
 from wanpack.runtime.models.tokenizer import T5Tokenizer
 from wanpack.runtime.models.weight_dict import block_view
-
-from wanpack.errors import PackFormatError, UsageError, WanpackError
 
 transformers = pytest.importorskip("transformers")
 

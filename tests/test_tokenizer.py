@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+
 from wanpack.convert.synth import TOKENIZER_DIR, synth_checkpoint
 from wanpack.convert.synth_tokenizer import synth_tokenizer
-from wanpack.runtime.models.tokenizer import T5Tokenizer, clean_prompt, find_tokenizer_file
-
 from wanpack.errors import PackFormatError, UsageError
+from wanpack.runtime.models.tokenizer import T5Tokenizer, clean_prompt, find_tokenizer_file
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from wanpack.manifests.arch import CLIPConfig
-from wanpack.runtime.models.weight_dict import apply_linear, block_view, need
 
 from wanpack.errors import UsageError
+from wanpack.manifests.arch import CLIPConfig
+from wanpack.runtime.models.weight_dict import apply_linear, block_view, need
 
 Weights = Mapping[str, torch.Tensor]
 PhaseFn = Callable[[Weights, torch.Tensor, None], torch.Tensor]

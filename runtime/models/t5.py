@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from wanpack.manifests.arch import T5Config
-from wanpack.runtime.models.weight_dict import apply_linear, block_view, need
 
 from wanpack.errors import UsageError
+from wanpack.manifests.arch import T5Config
+from wanpack.runtime.models.weight_dict import apply_linear, block_view, need
 
 Weights = Mapping[str, torch.Tensor]
 

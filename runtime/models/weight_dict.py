@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from wanpack.runtime.ops.linear import linear
 
 from wanpack.errors import PackFormatError
+from wanpack.runtime.ops.linear import linear
 
 QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
