@@ -134,6 +134,7 @@ def test_host_cache_stops_disk_reads(packs):
                 pass
         assert eng.reader.bytes_read == first
         assert first <= sum(u.length for u in units)
+        assert eng.host.slots == []  # everything read straight into the cache: the ring was never allocated
 
 
 def test_subset_cache_reads_only_uncached(packs):

@@ -40,7 +40,8 @@ def test_cuda_streamed_equals_cuda_resident(pack, gran, prefetch, cache):
             assert torch.equal(eng.run(x0().cuda(), block_fn), ref)
         assert [s.data_ptr() for s in eng.dev.slots] == ptrs  # slots never move (graphs rely on it)
         assert eng.host.pinned_bytes > 0
-        bufs = [s.buf for s in eng.host.slots]
+        bufs = [s.buf for s in eng.host.slots] + [b for b, _ in eng.host.cache.values()]
+        assert bufs and all(b.is_pinned() for b in bufs)
     assert all(not b.is_pinned() for b in bufs)  # unregistered on close
     # CPU float math and CUDA float math differ in the last bits; the CUDA paths agree with each other exactly
     assert torch.allclose(ref.cpu(), reference(pack, x0(), 1), rtol=1e-4, atol=1e-4)

@@ -111,9 +111,9 @@ def peak_rss() -> int:
 
 @dataclass
 class Workload:
-    """What one forward computes: the start activation, the per-unit callback and its extras."""
+    """What one forward computes: a fresh start activation (phases may update it in place), the callback, extras."""
 
-    x: torch.Tensor
+    make_x: Callable[[], torch.Tensor]
     fn: Callable
     extras: tuple
     graph_key: Callable | None = None
@@ -148,7 +148,7 @@ def proxy_workload(pack: PackComponent, tokens: int, dtype: torch.dtype, device:
                                approximate="tanh")) for s in range(0, x.shape[0], chunk)])  # fmt: skip
         return x
 
-    return Workload(x, fn, (ctx,))
+    return Workload(x.clone, fn, (ctx,))
 
 
 def make_workload(pack: PackComponent, latent: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
@@ -170,12 +170,15 @@ def make_workload(pack: PackComponent, latent: tuple[int, int, int], dtype: torc
 
 
 def time_forwards(engine: StreamEngine, work: Workload, repeats: int) -> tuple[float, list[float]]:
-    """Seconds per forward (median of ``repeats`` after one warm-up forward), synchronizing only between forwards."""
+    """Seconds per forward (median of ``repeats`` after one warm-up forward), synchronizing only between forwards.
+
+    Each forward starts from a fresh x (``make_x``): DiT phases update the residual in place.
+    """
     times = []
     for i in range(repeats + 1):
         _sync(engine.device)
         t0 = time.perf_counter()
-        y = engine.run(work.x, work.fn, *work.extras, graph_key=work.graph_key)
+        y = engine.run(work.make_x(), work.fn, *work.extras, graph_key=work.graph_key)
         _sync(engine.device)
         if i:
             times.append(time.perf_counter() - t0)
@@ -202,7 +205,7 @@ def measure(pack: PackComponent, options: StreamOptions, work_factory: Callable,
         # warm-up forward inside time_forwards fills caches/graphs; count bytes of the timed forwards only
         _sync(device)
         first = time.perf_counter()
-        eng.run(work.x, work.fn, *work.extras, graph_key=work.graph_key)
+        eng.run(work.make_x(), work.fn, *work.extras, graph_key=work.graph_key)
         _sync(device)
         warm_s = time.perf_counter() - first
         disk1, h2d1 = eng.reader.bytes_read, eng.dev.bytes_copied

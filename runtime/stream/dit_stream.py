@@ -82,9 +82,10 @@ def dit_workload(pack: PackComponent, latent: tuple[int, int, int], dtype: torch
     text = (torch.randn((1, cfg.text_len, cfg.text_dim), generator=gen) * 0.1).to(device)
     clip = (torch.randn((1, cfg.image_tokens, cfg.image_dim), generator=gen) * 0.1).to(device)
     x, grid = dit.embed_patches(resident, latents, cfg, opts)
+    del x  # each forward embeds again (cheap), so no second full-length residual stays resident
     _, e0 = dit.time_embedding(resident, torch.tensor([500.0], device=device), cfg, opts)
     cos, sin = rope_tables(grid, cfg.head_dim, dtype=opts.hi, device=device)
     ctx = dit.context(resident, text, cfg, opts, clip if cfg.model_type == "i2v" else None)
     mod = torch.empty((1, 6, cfg.dim), dtype=opts.hi, device=device)
     fn = block_callback(cfg, opts, {}, lambda: ctx)
-    return Workload(x, fn, (e0, cos, sin, mod), graph_key)
+    return Workload(lambda: dit.embed_patches(resident, latents, cfg, opts)[0], fn, (e0, cos, sin, mod), graph_key)

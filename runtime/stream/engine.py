@@ -152,6 +152,7 @@ class StreamEngine:
                 x = x if y is None else y
             return x
         x_s = self._static(0, x)
+        del x  # only the static copy stays alive during the forward
         ex_s = [self._static(i + 1, e) for i, e in enumerate(extras)]
         for unit, weights in self.forward():
             key = graph_key(unit, self.current_slot) if graph_key else (self.current_slot, unit.layout_key())
@@ -178,7 +179,7 @@ class StreamEngine:
     def stats(self) -> dict:
         return {
             "granularity": self.opt.granularity, "units": len(self.units), "device_slots": self.k,
-            "prefetch": self.prefetch, "host_slots": len(self.host.slots) if self.host else 0,
+            "prefetch": self.prefetch, "host_slots": len(self.host.slots) if self.host else 0,  # allocated
             "cached_units": sorted(self.host.cache_plan) if self.host else [],
             "disk_bytes": self.reader.bytes_read if self.reader else 0,
             "h2d_bytes": self.dev.bytes_copied if self.dev else 0,
@@ -235,7 +236,7 @@ class StreamEngine:
         self._arrange_ahead(pos)
 
     def _arrange_ahead(self, pos: int) -> None:
-        limit = pos + self.prefetch + len(self.host.slots)
+        limit = pos + self.prefetch + self.host.ring_slots
         while self._next_read <= limit and self._arrange(self._next_read):
             self._next_read += 1
 

@@ -67,15 +67,8 @@ class HostTier:
         self.cache_plan = dict(cache_units or {})  # unit index -> bytes, the units chosen to stay
         self.cache: dict[int, tuple[torch.Tensor, bool]] = {}
         self.cached_ready: set[int] = set()
-        try:
-            for i in range(ring_slots):
-                buf, pinned = host_alloc(slot_bytes, pin)
-                slot = HostSlot(i, buf, pinned, event_factory())
-                self.slots.append(slot)
-                self._free.append(slot)
-        except BaseException:
-            self.close()
-            raise
+        self.ring_slots = ring_slots
+        self.slot_bytes = slot_bytes
 
     @property
     def pinned_bytes(self) -> int:
@@ -87,6 +80,11 @@ class HostTier:
         return sum(b.numel() for b, _ in self.cache.values())
 
     def take_slot(self) -> HostSlot | None:
+        """A free ring slot, allocated on first need (a fully cached pack never allocates its ring), or None."""
+        if not self._free and len(self.slots) < self.ring_slots:
+            buf, pinned = host_alloc(self.slot_bytes, self.pin)
+            self.slots.append(HostSlot(len(self.slots), buf, pinned, self._event_factory()))
+            return self.slots[-1]
         return self._free.popleft() if self._free else None
 
     def give_back(self, slot: HostSlot) -> None:
@@ -94,7 +92,7 @@ class HostTier:
         self._free.append(slot)
 
     def free_slots(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.ring_slots - len(self.slots)
 
     def cache_buffer(self, unit: int) -> torch.Tensor | None:
         """The cache buffer for a planned unit (allocated on first use), or None when the unit is not cached."""
