@@ -201,17 +201,17 @@ def measure(pack: PackComponent, options: StreamOptions, work_factory: Callable,
         model, work = work_factory(eng.resident)
         if drop_cache:
             drop_page_cache([str(pack.path(s)) for s in eng.files])
-        disk0, h2d0 = eng.reader.bytes_read, eng.dev.bytes_copied
+        disk0, h2d0 = eng.bytes_requested, eng.dev.bytes_copied
         # warm-up forward inside time_forwards fills caches/graphs; count bytes of the timed forwards only
         _sync(device)
         first = time.perf_counter()
         eng.run(work.make_x(), work.fn, *work.extras, graph_key=work.graph_key)
         _sync(device)
         warm_s = time.perf_counter() - first
-        disk1, h2d1 = eng.reader.bytes_read, eng.dev.bytes_copied
+        disk1, h2d1 = eng.bytes_requested, eng.dev.bytes_copied
         sec, all_times = time_forwards(eng, work, repeats)
         n = repeats + 1
-        disk = (eng.reader.bytes_read - disk1) / n
+        disk = (eng.bytes_requested - disk1) / n
         h2d = (eng.dev.bytes_copied - h2d1) / n
         result = {
             "model": model, "granularity": options.granularity, "device_slots": eng.k, "prefetch": eng.prefetch,

@@ -97,6 +97,7 @@ class StreamEngine:
         self._statics: dict[tuple, torch.Tensor] = {}
         self.current_slot = -1
         self.forwards = 0
+        self.bytes_requested = 0  # disk bytes asked of the workers (counted at submit: deterministic)
         try:
             self.resident = pack.load_resident(self.device)
             for shard in sorted({u.shard for u in self.units}):
@@ -181,7 +182,7 @@ class StreamEngine:
             "granularity": self.opt.granularity, "units": len(self.units), "device_slots": self.k,
             "prefetch": self.prefetch, "host_slots": len(self.host.slots) if self.host else 0,  # allocated
             "cached_units": sorted(self.host.cache_plan) if self.host else [],
-            "disk_bytes": self.reader.bytes_read if self.reader else 0,
+            "disk_bytes": self.reader.bytes_read if self.reader else 0, "requested_bytes": self.bytes_requested,
             "h2d_bytes": self.dev.bytes_copied if self.dev else 0,
             "pinned_bytes": self.host.pinned_bytes if self.host else 0,
             "direct_io": {s: f.direct for s, f in self.files.items()},
@@ -271,6 +272,7 @@ class StreamEngine:
         expected = max(0, min(unit.length, sf.size - unit.offset))
         verify = self._verify_inline.pop(unit.index, None)
         req = ReadRequest(sf, unit.offset, buf, expected, unit.name, pre_event=pre_event, verify=verify)
+        self.bytes_requested += expected
         return self.reader.submit(req)
 
     def _copy(self, pos: int, block: bool) -> bool:
