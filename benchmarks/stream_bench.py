@@ -33,18 +33,18 @@ LAT_720 = (21, 90, 160)
 LAT_SMALL = (5, 24, 40)
 
 
-def make_pack(work: Path, quant: str, layers: int) -> Path:
+def make_pack(work: Path, quant: str, layers: int, dim_scale: str = "full") -> Path:
     """Synth a bf16 14B-shaped source once, convert it to ``quant``; reuse a finished pack."""
     from wanpack.convert.converter import ConvertOptions, convert_checkpoint
     from wanpack.convert.synth import synth_checkpoint
 
-    pack = work / f"t2v14b-{layers}l-{quant}"
+    pack = work / f"t2v14b-{layers}l-{dim_scale}-{quant}"
     if (pack / "manifest.json").is_file():
         return pack
-    src = work / f"src-{layers}l"
+    src = work / f"src-{layers}l-{dim_scale}"
     if not (src / "config.json").is_file():
         t0 = time.perf_counter()
-        synth_checkpoint(src, "wan2.1-t2v-14b", layers=layers, dtype="bf16")
+        synth_checkpoint(src, "wan2.1-t2v-14b", layers=layers, dtype="bf16", dim_scale=dim_scale)
         print(f"synth source: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     t0 = time.perf_counter()
     convert_checkpoint(src, pack, ConvertOptions(arch="wan2.1-t2v-14b", quant=quant, hash_source=False))
@@ -72,20 +72,25 @@ def main() -> int:
     ap.add_argument("--timeline", type=Path, default=None, help="write the 480p cached run's timeline JSON here")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the packs and source in --work")
+    ap.add_argument("--smoke", action="store_true", help="tiny widths and latents, CPU allowed: checks the script only")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("stream_bench needs a CUDA GPU", file=sys.stderr)
+    if not torch.cuda.is_available() and not args.smoke:
+        print("stream_bench needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 1
+    global LAT_480, LAT_720, LAT_SMALL
+    if args.smoke:
+        LAT_480, LAT_720, LAT_SMALL = (3, 8, 12), (3, 12, 16), (1, 4, 4)
     from wanpack.runtime.stream.bench import run_suite
     from wanpack.runtime.stream.planner import parse_size
 
     args.work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    packs = {"int8": make_pack(args.work, "int8", args.layers)}
+    scale = "tiny" if args.smoke else "full"
+    packs = {"int8": make_pack(args.work, "int8", args.layers, scale)}
     if not args.skip_bf16:
-        packs["bf16"] = make_pack(args.work, "none", args.layers)
+        packs["bf16"] = make_pack(args.work, "none", args.layers, scale)
     if not args.keep:
-        shutil.rmtree(args.work / f"src-{args.layers}l", ignore_errors=True)
+        shutil.rmtree(args.work / f"src-{args.layers}l-{scale}", ignore_errors=True)
     cap, ram = parse_size(args.vram_cap), parse_size(args.ram_budget)
     common = {"vram_budget": cap, "ram_budget": ram, "repeats": args.repeats, "model": args.model,
               "granularity": args.granularity, "log": lambda m: print(m, file=sys.stderr)}  # fmt: skip
@@ -105,8 +110,9 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - one failing case must not hide the others' numbers
             results[case] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"{case} failed: {exc}", file=sys.stderr)
-        free_host_cache()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            free_host_cache()
+            torch.cuda.empty_cache()
     if args.timeline is not None and "runs" in results.get("int8_480p", {}):
         tl = results["int8_480p"]["runs"]["streamed_cached"].pop("timeline", [])
         args.timeline.write_text(json.dumps(tl, indent=1) + "\n")

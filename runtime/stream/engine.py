@@ -52,7 +52,7 @@ class StreamOptions:
     host_slots: int = 3  # pinned ring slots for units read from disk each pass
     cache_units: list[int] = field(default_factory=list)  # unit indices (schedule order) kept in RAM after 1st read
     disk_workers: int = 4
-    chunk_bytes: int = 8 << 20
+    chunk_bytes: int = 16 << 20
     direct_io: bool = True
     verify: bool = False  # check every shard's sha256 once (in-stream when a unit covers the shard)
     read_timeout_s: float = 120.0

@@ -24,7 +24,7 @@ import torch
 from wanpack.errors import VerificationError, WanpackError
 
 ALIGN = 4096
-DEFAULT_CHUNK = 8 << 20
+DEFAULT_CHUNK = 16 << 20
 
 
 class ShardReadError(WanpackError):
