@@ -8,7 +8,8 @@ and slot memory are those of the 40-layer model) and reused from --work when alr
   2. small latent (5x24x40, transfer-bound): achieved H2D / pinned memcpy peak of the same run (goal >= 0.90)
   3. host cache off, page cache dropped: achieved read / raw O_DIRECT read of the same ranges (goal >= 0.85)
   4. peak VRAM reserved, int8, at 480p (goal <= 5 GiB) and 720p (goal <= 8 GiB); peak RSS with cache off (<= 4 GiB)
-Plus one graph-mode run (captures and replays counted) and, with --timeline, the per-unit copy/compute timeline.
+Plus graph mode on the small latent, where launch overhead matters (captures and replays counted; compare with
+int8_480p's small_* rows) and, with --timeline, the per-unit copy/compute timeline.
 
     python benchmarks/stream_bench.py --work /tmp/wanpack-stream --json /tmp/stream.json
 """
@@ -96,8 +97,8 @@ def main() -> int:
               "granularity": args.granularity, "log": lambda m: print(m, file=sys.stderr)}  # fmt: skip
     cases = [("int8_480p", "int8", {"latent": LAT_480, "small_latent": LAT_SMALL,
                                      "timeline": args.timeline is not None}),
-             ("int8_480p_graph", "int8", {"latent": LAT_480, "small_latent": None, "graph": True,
-                                          "resident": False, "disk": False})]  # fmt: skip
+             ("int8_small_graph", "int8", {"latent": LAT_SMALL, "small_latent": None, "graph": True,
+                                           "disk": False})]  # fmt: skip
     if not args.skip_720p:
         cases.append(("int8_720p", "int8", {"latent": LAT_720, "small_latent": None, "resident": False,
                                             "disk": False}))  # fmt: skip
