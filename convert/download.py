@@ -1,0 +1,537 @@
+"""Download catalog checkpoints from the Hugging Face Hub: planned, space-checked, resumable, and verified.
+
+How it works (huggingface_hub >= 2 does the HTTP, auth, redirects, error classes and the cache layout):
+1. ``HfApi.model_info(files_metadata=True)`` pins the revision to a commit and lists every file with its size, git
+   blob id and, for LFS files, the LFS sha256; ``filter_repo_objects`` applies the catalog's allow patterns.
+2. The free space of the target is checked against the bytes still missing, before anything is written.
+3. Large (LFS) files stream through ``huggingface_hub.file_download.http_get`` into a partial file that survives an
+   interrupted run; the next run resumes it with an HTTP Range request. (huggingface_hub 2.x itself deletes its
+   partial files when a download fails, so its own downloads only resume within one process.) The partial file is
+   hashed and only moved into place (cache blob or --dir file) when its sha256 equals the Hub's LFS sha256, so a
+   corrupt file never looks like a finished one. Small files go through ``hf_hub_download`` and are checked
+   against their git blob SHA-1.
+4. Files already present are re-hashed and checked the same way; a mismatch deletes the file and fails.
+Offline (HF_HUB_OFFLINE=1) the cache is used without any request; blobs are checked against the digest they are
+named by (the Hub's etag: LFS sha256 or git blob SHA-1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from wanpack.manifests.catalog import CatalogEntry, find_entry
+
+from wanpack.errors import NoSpaceError, SourceError, UsageError, VerificationError, WanpackError
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_HASH_CHUNK = 8 << 20
+PART_SUFFIX = ".wanpack-part"
+
+
+class HubError(SourceError):
+    """The Hub refused or could not serve a request (not found, gated, offline, network)."""
+
+
+# --------------------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """The HF_* environment, read when a download starts (not when huggingface_hub was imported)."""
+
+    endpoint: str
+    token: str | None
+    cache_dir: Path
+    offline: bool
+
+    @classmethod
+    def from_env(cls) -> HubSettings:
+        env = os.environ
+        home = Path(env.get("HF_HOME") or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface")
+        cache = Path(env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or home / "hub")
+        token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or _saved_token(home)
+        offline = env.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        endpoint = (env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+        return cls(endpoint, token, cache.expanduser(), offline)
+
+
+def _saved_token(home: Path) -> str | None:
+    """The token `hf auth login` stored under HF_HOME, if any."""
+    path = Path(os.environ.get("HF_TOKEN_PATH") or home / "token")
+    with contextlib.suppress(OSError):
+        return path.read_text().strip() or None
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of the pinned commit as the Hub describes it."""
+
+    name: str
+    size: int
+    digest: str  # LFS sha256 for LFS files, else the git blob SHA-1
+    lfs: bool
+
+    @property
+    def algorithm(self) -> str:
+        return "sha256" if self.lfs else "git-sha1"
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to fetch: a repo at a revision, limited to some file patterns."""
+
+    repo_id: str
+    revision: str
+    patterns: list[str] | None  # None: the whole repo
+    entry: CatalogEntry | None
+    components: tuple[str, ...] | None
+
+
+def make_request(name_or_repo: str, components: tuple[str, ...] | None = None, revision: str | None = None) -> Request:
+    """Map a catalog name or a repo id (owner/name) to a download request."""
+    entry = find_entry(name_or_repo)
+    if entry is not None:
+        return Request(entry.repo_id, revision or entry.revision, entry.patterns(components), entry, components)
+    if "/" not in name_or_repo or name_or_repo.count("/") != 1:
+        raise UsageError(f"unknown model {name_or_repo!r} - pick a name from `wanpack download --list` or a repo id")
+    if components:
+        raise UsageError(f"{name_or_repo} is not in the catalog, so --component has no meaning - drop it")
+    return Request(name_or_repo, revision or "main", None, None, None)
+
+
+def _matches(name: str, patterns: list[str] | None) -> bool:
+    """huggingface_hub's allow-pattern rule (fnmatch; a pattern ending in '/' means everything below)."""
+    if patterns is None:
+        return True
+    return any(fnmatch.fnmatch(name, p + "*" if p.endswith("/") else p) for p in patterns)
+
+
+def plan_remote(request: Request, settings: HubSettings) -> tuple[str, list[RemoteFile]]:
+    """Pin the revision to a commit and list the requested files with sizes and digests (one API call)."""
+    from huggingface_hub import HfApi
+
+    with hub_errors(request.repo_id, request.revision, settings):
+        info = HfApi(endpoint=settings.endpoint, token=settings.token).model_info(
+            request.repo_id, revision=request.revision, files_metadata=True
+        )
+    files = [_remote_file(s) for s in info.siblings or [] if _matches(s.rfilename, request.patterns)]
+    _check_components(request, [f.name for f in files], f"{request.repo_id}@{info.sha[:12]}")
+    return info.sha, files
+
+
+def _remote_file(sibling) -> RemoteFile:
+    if sibling.lfs:
+        return RemoteFile(sibling.rfilename, sibling.lfs.size, sibling.lfs.sha256, True)
+    return RemoteFile(sibling.rfilename, sibling.size or 0, sibling.blob_id, False)
+
+
+def _check_components(request: Request, names: list[str], where: str) -> None:
+    """Every requested component must match at least one file, or the catalog entry is wrong."""
+    if request.entry is None:
+        if not names:
+            raise HubError(f"{where} has no files - check the repo id and revision")
+        return
+    for comp in request.components or tuple(request.entry.components):
+        pats = list(request.entry.components[comp])
+        if not any(_matches(n, pats) for n in names):
+            raise HubError(f"{where} has no file matching {comp} patterns {pats} - the catalog entry "
+                           f"{request.entry.name} may be out of date; pass --revision or a repo id")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------- errors
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str, settings: HubSettings) -> Iterator[None]:
+    """Turn huggingface_hub / network exceptions into one-line HubErrors."""
+    from huggingface_hub import errors as hfe
+
+    try:
+        yield
+    except hfe.GatedRepoError as exc:
+        raise HubError(f"{repo_id} is gated (HTTP {_status(exc)}) - accept its terms on {settings.endpoint}/{repo_id} "
+                       "while logged in, then set HF_TOKEN to a token of that account") from None  # fmt: skip
+    except hfe.RepositoryNotFoundError as exc:
+        raise HubError(f"{repo_id} was not found or needs a token (HTTP {_status(exc)}) - check the name "
+                       "(wanpack download --list), or set HF_TOKEN for a private repo") from None  # fmt: skip
+    except hfe.RevisionNotFoundError:
+        raise HubError(f"revision {revision!r} does not exist in {repo_id} - pass a branch, tag or commit") from None
+    except hfe.RemoteEntryNotFoundError as exc:
+        raise HubError(f"a file is missing from {repo_id}@{revision} ({exc.response.url}) - "
+                       "the catalog entry may be out of date; pass --revision") from None  # fmt: skip
+    except (hfe.OfflineModeIsEnabled, hfe.LocalEntryNotFoundError):
+        raise HubError(f"{repo_id}@{revision} is not in the cache {settings.cache_dir} and HF_HUB_OFFLINE is set "
+                       "- unset HF_HUB_OFFLINE to download it, or point HF_HOME at the cache that has it") from None
+    except hfe.HfHubHTTPError as exc:
+        raise HubError(f"the Hub answered HTTP {_status(exc)} for {repo_id} - try again later") from None
+    except _network_errors() as exc:
+        raise HubError(f"download from {settings.endpoint} failed ({type(exc).__name__}: {exc}) - check the network "
+                       "or HF_ENDPOINT; run the same command again to resume") from None  # fmt: skip
+
+
+def _status(exc) -> str:
+    response = getattr(exc, "response", None)
+    return str(getattr(response, "status_code", "?"))
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    with contextlib.suppress(ImportError):
+        import httpx2
+
+        errors += (httpx2.TransportError,)
+    return errors
+
+
+# --------------------------------------------------------------------------------------------------------- verify
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """sha256 of the bytes, or the git blob SHA-1 (sha1 over 'blob <size>\\0' + bytes) the Hub lists as blobId."""
+    h = hashlib.sha256() if algorithm == "sha256" else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def algorithm_of(digest: str) -> str | None:
+    """Which digest an etag / blob name is: 64 hex -> LFS sha256, 40 hex -> git blob SHA-1."""
+    return "sha256" if _SHA256.match(digest) else "git-sha1" if _SHA1.match(digest) else None
+
+
+def verify_or_remove(path: Path, expected: str, algorithm: str, label: str, also_remove: tuple[Path, ...] = ()) -> None:
+    """Raise VerificationError (after deleting the bad bytes) unless ``path`` hashes to ``expected``."""
+    got = file_digest(path, algorithm)
+    if got == expected:
+        return
+    for p in (path, *also_remove):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    raise VerificationError(f"{label} is corrupt: {algorithm} {got[:16]}... but the Hub says {expected[:16]}... - "
+                            "the bad file was deleted; run the command again to download it afresh")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------- progress
+
+
+class Progress(Protocol):
+    """Where byte counts go (the CLI draws them with Rich; tests may pass None)."""
+
+    def file_started(self, name: str, total: int, done: int) -> None: ...
+    def advance(self, name: str, n: int) -> None: ...
+    def file_done(self, name: str) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class _Bar:
+    """The tqdm-shaped object huggingface_hub's http_get drives; forwards bytes to a Progress."""
+
+    def __init__(self, progress: Progress | None, name: str, total: int | None = None, initial: int = 0, **_):
+        self._progress, self._name = progress, name
+
+    def update(self, n: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._name, n)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _note(progress: Progress | None, message: str) -> None:
+    if progress is not None:
+        progress.note(message)
+
+
+# --------------------------------------------------------------------------------------------------------- targets
+
+
+@dataclass
+class FileResult:
+    name: str
+    size: int
+    algorithm: str  # what was checked: sha256 (LFS), git-sha1 (small files), or none (offline, nothing to check)
+    digest: str | None
+    downloaded: int = 0  # bytes fetched in this run
+    resumed_from: int = 0  # bytes already in a partial file from an earlier run
+
+
+@dataclass
+class DownloadResult:
+    repo_id: str
+    revision: str
+    commit: str
+    folder: Path
+    offline: bool
+    files: list[FileResult] = field(default_factory=list)
+    entry: CatalogEntry | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class _Target:
+    """Where a file's bytes end up: the HF cache (blobs + snapshot symlinks) or a plain folder (--dir)."""
+
+    def __init__(self, settings: HubSettings, repo_id: str, commit: str, local_dir: Path | None):
+        self.settings, self.repo_id, self.commit, self.local_dir = settings, repo_id, commit, local_dir
+        self.storage = settings.cache_dir / ("models--" + repo_id.replace("/", "--"))
+
+    @property
+    def folder(self) -> Path:
+        return self.local_dir if self.local_dir is not None else self.storage / "snapshots" / self.commit
+
+    def final(self, f: RemoteFile) -> Path:
+        """Where a verified LFS file is stored (the blob, for the cache)."""
+        return self.local_dir / f.name if self.local_dir is not None else self.storage / "blobs" / f.digest
+
+    def part(self, f: RemoteFile) -> Path:
+        if self.local_dir is not None:
+            return self.local_dir / ".cache" / "wanpack" / f"{f.name}.{f.digest[:16]}{PART_SUFFIX}"
+        return self.storage / "blobs" / f"{f.digest}{PART_SUFFIX}"
+
+    def space_root(self) -> Path:
+        path = self.local_dir if self.local_dir is not None else self.settings.cache_dir
+        path = path.resolve()
+        while not path.exists():
+            path = path.parent
+        return path
+
+
+def check_space(target: _Target, files: list[RemoteFile]) -> int:
+    """Bytes still to fetch; raise NoSpaceError before any download when the disk cannot hold them."""
+    needed = 0
+    for f in files:
+        if target.final(f).exists() or (target.folder / f.name).exists():
+            continue
+        part = target.part(f)
+        needed += f.size - (part.stat().st_size if part.exists() and part.stat().st_size <= f.size else 0)
+    root = target.space_root()
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise NoSpaceError(f"download needs {_gib(needed)} more but {root} has {_gib(free)} free - free some space, "
+                           "or pass --dir (or HF_HOME) on a bigger disk")  # fmt: skip
+    return needed
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**20 else f"{n} B"
+
+
+# --------------------------------------------------------------------------------------------------------- fetch
+
+
+def _hub_kwargs(settings: HubSettings) -> dict:
+    return {"endpoint": settings.endpoint, "token": settings.token or False}
+
+
+def _fetch_large(target: _Target, f: RemoteFile, progress: Progress | None) -> FileResult:
+    """An LFS file: resume or start the partial file, hash it, then move it into place and link it."""
+    result = FileResult(f.name, f.size, "sha256", f.digest)
+    final = target.final(f)
+    if final.exists():
+        _note(progress, f"checking {f.name} (already present)")
+        verify_or_remove(final, f.digest, "sha256", f.name, also_remove=(target.folder / f.name,))
+    else:
+        part = target.part(f)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        have = part.stat().st_size if part.exists() else 0
+        if have > f.size:  # not ours or from another revision: start over
+            part.unlink()
+            have = 0
+        result.resumed_from = have
+        _http_fetch(target, f, part, have, progress)
+        result.downloaded = f.size - have
+        _note(progress, f"checking sha256 of {f.name}")
+        verify_or_remove(part, f.digest, "sha256", f.name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)
+    _register(target, f)
+    return result
+
+
+def _http_fetch(target: _Target, f: RemoteFile, part: Path, have: int, progress: Progress | None) -> None:
+    """Append the missing bytes to ``part`` (Range request from ``have``) through huggingface_hub's http_get."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    settings = target.settings
+    url = hf_hub_url(target.repo_id, f.name, revision=target.commit, endpoint=settings.endpoint)
+    headers = build_hf_headers(token=settings.token or False, library_name="wanpack")
+    if progress is not None:
+        progress.file_started(f.name, f.size, have)
+    with open(part, "ab") as fh:
+        try:
+            http_get(url, fh, resume_size=have, headers=headers, expected_size=f.size, displayed_filename=f.name,
+                     tqdm_class=functools.partial(_Bar, progress, f.name))  # fmt: skip
+        except OSError as exc:
+            if isinstance(exc, HfHubHTTPError | ConnectionError | TimeoutError):
+                raise
+            fh.close()
+            part.unlink(missing_ok=True)  # wrong size from the server: nothing worth resuming
+            raise HubError(f"{f.name} arrived with the wrong size ({exc}) - run the command again") from None
+    if progress is not None:
+        progress.file_done(f.name)
+
+
+def _register(target: _Target, f: RemoteFile) -> None:
+    """Make a verified file visible the way huggingface_hub expects (snapshot symlink, or --dir metadata)."""
+    if target.local_dir is None:
+        from huggingface_hub import hf_hub_download
+
+        # The blob is in place, so this only makes the HEAD call and the snapshot symlink.
+        hf_hub_download(target.repo_id, f.name, revision=target.commit, cache_dir=target.settings.cache_dir,
+                        **_hub_kwargs(target.settings))  # fmt: skip
+        return
+    try:
+        from huggingface_hub._local_folder import write_download_metadata
+    except ImportError:  # private helper moved: let the public call hash the file and write the metadata itself
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(target.repo_id, f.name, revision=target.commit, local_dir=target.local_dir,
+                        **_hub_kwargs(target.settings))  # fmt: skip
+        return
+    write_download_metadata(target.local_dir, f.name, target.commit, f.digest)
+
+
+def _fetch_small(target: _Target, f: RemoteFile, progress: Progress | None) -> FileResult:
+    """A regular git file (configs, tokenizer): hf_hub_download, then the git blob SHA-1 check."""
+    from huggingface_hub import hf_hub_download
+
+    path = Path(hf_hub_download(target.repo_id, f.name, revision=target.commit, cache_dir=target.settings.cache_dir,
+                                local_dir=target.local_dir, tqdm_class=functools.partial(_Bar, None, f.name),
+                                **_hub_kwargs(target.settings)))  # fmt: skip
+    blob = Path(os.path.realpath(path))
+    verify_or_remove(path, f.digest, "git-sha1", f.name, also_remove=(blob,) if blob != path else ())
+    return FileResult(f.name, f.size, "git-sha1", f.digest)
+
+
+# --------------------------------------------------------------------------------------------------------- public
+
+
+def download(name_or_repo: str, *, components: tuple[str, ...] | None = None, revision: str | None = None,
+             local_dir: Path | None = None, progress: Progress | None = None,
+             settings: HubSettings | None = None) -> DownloadResult:  # fmt: skip
+    """Fetch a catalog entry (or a whole repo) into the HF cache or ``local_dir``; every file is checked."""
+    settings = settings or HubSettings.from_env()
+    request = make_request(name_or_repo, components, revision)
+    if settings.offline:
+        return _local_result(request, settings, local_dir, verify=True)
+    commit, files = plan_remote(request, settings)
+    target = _Target(settings, request.repo_id, commit, local_dir)
+    needed = check_space(target, files)
+    _note(progress, f"{request.repo_id}@{commit[:12]}: {len(files)} files, {_gib(sum(f.size for f in files))}, "
+                    f"{_gib(needed)} to fetch into {target.folder}")  # fmt: skip
+    result = DownloadResult(request.repo_id, request.revision, commit, target.folder, False, entry=request.entry)
+    with hub_errors(request.repo_id, request.revision, settings):
+        for f in files:
+            result.files.append(_fetch_large(target, f, progress) if f.lfs else _fetch_small(target, f, progress))
+    if local_dir is None and request.revision != commit:
+        ref = target.storage / "refs" / request.revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
+    return result
+
+
+def _local_result(request: Request, settings: HubSettings, local_dir: Path | None, verify: bool) -> DownloadResult:
+    """What is already on disk for a request, without touching the network (offline mode, resolve_source)."""
+    repo, rev = request.repo_id, request.revision
+    hint = "unset HF_HUB_OFFLINE and run `wanpack download` to fetch it, or point HF_HOME at the cache that has it"
+    if local_dir is not None:
+        commit, folder = rev, local_dir
+    else:
+        storage = settings.cache_dir / ("models--" + repo.replace("/", "--"))
+        ref = storage / "refs" / rev
+        commit = rev if _SHA1.match(rev) else (ref.read_text().strip() if ref.is_file() else "")
+        folder = storage / "snapshots" / commit
+    if not commit or not folder.is_dir():
+        raise HubError(f"{repo}@{rev} is not in {local_dir or settings.cache_dir} - {hint}")
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and ".cache" not in p.relative_to(folder).parts)  # fmt: skip
+    names = [n for n in names if _matches(n, request.patterns) and not n.endswith(PART_SUFFIX)]
+    _check_components(request, names, f"{repo}@{rev} in {folder}")
+    result = DownloadResult(repo, rev, commit, folder, True, entry=request.entry)
+    for name in names:
+        result.files.append(_check_local(folder / name, name, local_dir, verify))
+    return result
+
+
+def _check_local(path: Path, name: str, local_dir: Path | None, verify: bool) -> FileResult:
+    """Check a file on disk against the digest its cache blob is named by (or its --dir metadata etag)."""
+    blob = Path(os.path.realpath(path))
+    digest: str | None = blob.name if local_dir is None else None
+    if local_dir is not None:
+        with contextlib.suppress(ImportError):
+            from huggingface_hub._local_folder import read_download_metadata
+
+            meta = read_download_metadata(local_dir, name)
+            digest = meta.etag if meta is not None else None
+    algorithm = algorithm_of(digest or "")
+    if verify and algorithm is not None:
+        verify_or_remove(path, digest, algorithm, name, also_remove=(blob,) if blob != path else ())
+    return FileResult(name, path.stat().st_size, algorithm or "none", digest)
+
+
+def resolve_source(name_or_path: str) -> Path:
+    """A local checkpoint folder for a folder path, a catalog name or a repo id already in the HF cache.
+
+    No network and no hashing: `wanpack download` verified the files when it fetched them. For catalog entries that
+    share a repo (the lightx2v distill files), the folder may hold other entries' files too; use
+    :func:`resolve_components` to get exactly this entry's files.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SourceError(f"{name_or_path} is a file - pass the checkpoint folder (or a catalog name)")
+    return _resolve_cached(name_or_path).folder
+
+
+def resolve_components(name_or_path: str) -> dict[str, list[Path]]:
+    """The files of each component of a downloaded catalog entry (folder paths map to {'all': [folder]})."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return {"all": [path]}
+    result = _resolve_cached(name_or_path)
+    if result.entry is None:
+        return {"all": [result.folder]}
+    return {comp: [result.folder / f.name for f in result.files if _matches(f.name, list(pats))]
+            for comp, pats in result.entry.components.items()}  # fmt: skip
+
+
+def _resolve_cached(name: str) -> DownloadResult:
+    try:
+        request = make_request(name)
+    except UsageError:
+        raise SourceError(f"{name!r} is neither a folder nor a catalog name - pass the checkpoint folder, "
+                          "or a name from `wanpack download --list`") from None  # fmt: skip
+    settings = HubSettings.from_env()
+    try:
+        return _local_result(request, settings, None, verify=False)
+    except WanpackError:
+        raise SourceError(f"{name} is not downloaded (looked in {settings.cache_dir}) - run `wanpack download {name}` "
+                          "first, or pass the checkpoint folder") from None  # fmt: skip
