@@ -469,7 +469,7 @@ def _local_result(request: Request, settings: HubSettings, local_dir: Path | Non
         commit = rev if _SHA1.match(rev) else (ref.read_text().strip() if ref.is_file() else "")
         folder = storage / "snapshots" / commit
     if not commit or not folder.is_dir():
-        raise HubError(f"{repo}@{rev} is not in {local_dir or settings.cache_dir} - {hint}")
+        raise HubError(f"{repo}@{rev} is not in the cache {local_dir or settings.cache_dir} (HF_HUB_OFFLINE) - {hint}")
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                    if p.is_file() and ".cache" not in p.relative_to(folder).parts)  # fmt: skip
     names = [n for n in names if _matches(n, request.patterns) and not n.endswith(PART_SUFFIX)]

@@ -7,8 +7,9 @@ get_hf_file_metadata, utils._http.hf_raise_for_status):
   Content-Length; GET honours "Range: bytes=N-" / "bytes=N-M" with 206 + Content-Range.
 - errors carry X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo), which the client maps to its
   exception classes.
-Faults for tests: ``cut[path] = n`` serves at most n body bytes per GET then drops the connection (``cut_times[path]``
-times, default forever); ``corrupt.add(path)`` serves bytes with one byte flipped while the metadata stays right.
+Faults for tests: ``cut[path] = [n1, n2, ...]`` makes the k-th GET of that file send only n_k body bytes and drop the
+connection (later GETs are served whole); ``corrupt.add(path)`` serves bytes with one byte flipped while the metadata
+stays right.
 Every request is logged as (method, path, Range header, status).
 """
 
@@ -53,8 +54,7 @@ class FakeRepo:
 class FakeHub:
     repos: dict[str, FakeRepo]
     token: str = "hf_fake_token"
-    cut: dict[str, int] = field(default_factory=dict)
-    cut_times: dict[str, int] = field(default_factory=dict)
+    cut: dict[str, list[int]] = field(default_factory=dict)
     corrupt: set[str] = field(default_factory=set)
     log: list[tuple[str, str, str | None, int]] = field(default_factory=list)
 
@@ -172,10 +172,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             return int(m[1]), (int(m[2]) + 1 if m[2] else size)
 
         def _send_body(self, name: str, chunk: bytes) -> None:
-            left = hub.cut_times.get(name, 1 << 30)
-            if name in hub.cut and left > 0:
-                hub.cut_times[name] = left - 1
-                self.wfile.write(chunk[: hub.cut[name]])
+            budgets = hub.cut.get(name)
+            if budgets:
+                self.wfile.write(chunk[: budgets.pop(0)])
                 self.wfile.flush()
                 self.close_connection = True  # the client sees a body shorter than Content-Length
                 return
