@@ -135,6 +135,9 @@ def plan_remote(request: Request, settings: HubSettings) -> tuple[str, list[Remo
 
 
 def _remote_file(sibling) -> RemoteFile:
+    parts = sibling.rfilename.split("/")
+    if sibling.rfilename.startswith(("/", "\\")) or ".." in parts or "" in parts or ":" in parts[0]:
+        raise HubError(f"the Hub listed an unsafe file name {sibling.rfilename!r} - refusing to write it")
     if sibling.lfs:
         return RemoteFile(sibling.rfilename, sibling.lfs.size, sibling.lfs.sha256, True)
     return RemoteFile(sibling.rfilename, sibling.size or 0, sibling.blob_id, False)
@@ -336,8 +339,13 @@ def check_space(target: _Target, files: list[RemoteFile]) -> int:
     return needed
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**20 else f"{n} B"
+def _gib(n: float) -> str:
+    """Human-readable bytes (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
 
 
 # --------------------------------------------------------------------------------------------------------- fetch
@@ -422,12 +430,13 @@ def _fetch_small(target: _Target, f: RemoteFile, progress: Progress | None) -> F
     """A regular git file (configs, tokenizer): hf_hub_download, then the git blob SHA-1 check."""
     from huggingface_hub import hf_hub_download
 
+    was_there = (target.folder / f.name).exists()
     path = Path(hf_hub_download(target.repo_id, f.name, revision=target.commit, cache_dir=target.settings.cache_dir,
                                 local_dir=target.local_dir, tqdm_class=functools.partial(_Bar, None, f.name),
                                 **_hub_kwargs(target.settings)))  # fmt: skip
     blob = Path(os.path.realpath(path))
     verify_or_remove(path, f.digest, "git-sha1", f.name, also_remove=(blob,) if blob != path else ())
-    return FileResult(f.name, f.size, "git-sha1", f.digest)
+    return FileResult(f.name, f.size, "git-sha1", f.digest, downloaded=0 if was_there else f.size)
 
 
 # --------------------------------------------------------------------------------------------------------- public

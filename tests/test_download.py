@@ -231,3 +231,16 @@ def test_resolve_source_paths_and_errors(hub: FakeHub, tmp_path: Path):
         dl.resolve_source("i2v-14b-480p")
     with pytest.raises(SourceError, match="neither a folder nor a catalog name"):
         dl.resolve_source("no-such-model")
+
+
+def test_shared_repo_entry_fetches_only_its_file(hub: FakeHub, tmp_path: Path):
+    names = ["wan2.1_i2v_480p_lightx2v_4step.safetensors", "wan2.1_i2v_480p_int8_lightx2v_4step.safetensors"]
+    hub.repos["lightx2v/Wan2.1-Distill-Models"] = FakeRepo({n: n.encode() * 50 for n in names}, commit="d" * 40)
+    res = run("distill-i2v-480p", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [f["name"] for f in out["files"]] == names[:1] and out["preset"] == "distill-4step"
+    assert dl.resolve_components("distill-i2v-480p") == {"dit": [Path(out["folder"]) / names[0]]}
+    res = run("distill-i2v-480p-int8", "--json")  # the same snapshot folder gains the second file
+    assert res.exit_code == 0 and json.loads(res.stdout)["folder"] == out["folder"]
+    assert dl.resolve_components("distill-i2v-480p") == {"dit": [Path(out["folder"]) / names[0]]}
