@@ -24,7 +24,9 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -181,6 +183,9 @@ def hub_errors(repo_id: str, revision: str, settings: HubSettings) -> Iterator[N
         raise HubError(f"{repo_id}@{revision} is not in the cache {settings.cache_dir} and HF_HUB_OFFLINE is set "
                        "- unset HF_HUB_OFFLINE to download it, or point HF_HOME at the cache that has it") from None
     except hfe.HfHubHTTPError as exc:
+        if _status(exc) in ("401", "403"):
+            raise HubError(f"the Hub refused the token for {repo_id} (HTTP {_status(exc)}) - check HF_TOKEN "
+                           "(or `hf auth login`) and that the account may read this repo") from None  # fmt: skip
         raise HubError(f"the Hub answered HTTP {_status(exc)} for {repo_id} - try again later") from None
     except _network_errors() as exc:
         raise HubError(f"download from {settings.endpoint} failed ({type(exc).__name__}: {exc}) - check the network "
@@ -204,12 +209,14 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 # --------------------------------------------------------------------------------------------------------- verify
 
 
-def file_digest(path: Path, algorithm: str) -> str:
+def file_digest(path: Path, algorithm: str, on_bytes: Callable[[int], None] | None = None) -> str:
     """sha256 of the bytes, or the git blob SHA-1 (sha1 over 'blob <size>\\0' + bytes) the Hub lists as blobId."""
     h = hashlib.sha256() if algorithm == "sha256" else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     return h.hexdigest()
 
 
@@ -218,9 +225,15 @@ def algorithm_of(digest: str) -> str | None:
     return "sha256" if _SHA256.match(digest) else "git-sha1" if _SHA1.match(digest) else None
 
 
-def verify_or_remove(path: Path, expected: str, algorithm: str, label: str, also_remove: tuple[Path, ...] = ()) -> None:
+def verify_or_remove(path: Path, expected: str, algorithm: str, label: str, also_remove: tuple[Path, ...] = (),
+                     progress: Progress | None = None) -> None:  # fmt: skip
     """Raise VerificationError (after deleting the bad bytes) unless ``path`` hashes to ``expected``."""
-    got = file_digest(path, algorithm)
+    on_bytes = None
+    if progress is not None:
+        task = f"{algorithm} {label}"
+        progress.file_started(task, path.stat().st_size, 0)
+        on_bytes = functools.partial(progress.advance, task)
+    got = file_digest(path, algorithm, on_bytes)
     if got == expected:
         return
     for p in (path, *also_remove):
@@ -242,13 +255,20 @@ class Progress(Protocol):
     def note(self, message: str) -> None: ...
 
 
-class _Bar:
-    """The tqdm-shaped object huggingface_hub's http_get drives; forwards bytes to a Progress."""
+class _Cancelled(Exception):
+    """Raised inside a worker's transfer when another file failed or the user pressed Ctrl-C."""
 
-    def __init__(self, progress: Progress | None, name: str, total: int | None = None, initial: int = 0, **_):
-        self._progress, self._name = progress, name
+
+class _Bar:
+    """The tqdm-shaped object huggingface_hub's http_get drives; forwards bytes to a Progress and stops on cancel."""
+
+    def __init__(self, progress: Progress | None, name: str, cancel: threading.Event | None = None,
+                 total: int | None = None, initial: int = 0, **_):  # fmt: skip
+        self._progress, self._name, self._cancel = progress, name, cancel
 
     def update(self, n: int = 1) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise _Cancelled(self._name)
         if self._progress is not None:
             self._progress.advance(self._name, n)
 
@@ -351,17 +371,34 @@ def _gib(n: float) -> str:
 # --------------------------------------------------------------------------------------------------------- fetch
 
 
+def _fetch_all(target: _Target, files: list[RemoteFile], progress: Progress | None, workers: int) -> list[FileResult]:
+    """Small files first, one by one; then the LFS files on ``workers`` threads. The first failure (or Ctrl-C) stops
+    the other transfers at their next chunk; their partial files stay for the next run."""
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    done = {f.name: _fetch_small(target, f, progress) for f in files if not f.lfs}
+    cancel = threading.Event()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wanpack-dl") as pool:
+        futures = {pool.submit(_fetch_large, target, f, progress, cancel): f for f in files if f.lfs}
+        try:
+            for fut in as_completed(futures):
+                done[futures[fut].name] = fut.result()
+        except BaseException:
+            cancel.set()
+            raise
+    return [done[f.name] for f in files]
+
+
 def _hub_kwargs(settings: HubSettings) -> dict:
     return {"endpoint": settings.endpoint, "token": settings.token or False}
 
 
-def _fetch_large(target: _Target, f: RemoteFile, progress: Progress | None) -> FileResult:
+def _fetch_large(target: _Target, f: RemoteFile, progress: Progress | None, cancel: threading.Event) -> FileResult:
     """An LFS file: resume or start the partial file, hash it, then move it into place and link it."""
     result = FileResult(f.name, f.size, "sha256", f.digest)
     final = target.final(f)
     if final.exists():
-        _note(progress, f"checking {f.name} (already present)")
-        verify_or_remove(final, f.digest, "sha256", f.name, also_remove=(target.folder / f.name,))
+        verify_or_remove(final, f.digest, "sha256", f.name, also_remove=(target.folder / f.name,), progress=progress)
     else:
         part = target.part(f)
         part.parent.mkdir(parents=True, exist_ok=True)
@@ -370,17 +407,17 @@ def _fetch_large(target: _Target, f: RemoteFile, progress: Progress | None) -> F
             part.unlink()
             have = 0
         result.resumed_from = have
-        _http_fetch(target, f, part, have, progress)
+        _http_fetch(target, f, part, have, progress, cancel)
         result.downloaded = f.size - have
-        _note(progress, f"checking sha256 of {f.name}")
-        verify_or_remove(part, f.digest, "sha256", f.name)
+        verify_or_remove(part, f.digest, "sha256", f.name, progress=progress)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, final)
     _register(target, f)
     return result
 
 
-def _http_fetch(target: _Target, f: RemoteFile, part: Path, have: int, progress: Progress | None) -> None:
+def _http_fetch(target: _Target, f: RemoteFile, part: Path, have: int, progress: Progress | None,
+                cancel: threading.Event) -> None:  # fmt: skip
     """Append the missing bytes to ``part`` (Range request from ``have``) through huggingface_hub's http_get."""
     from huggingface_hub import hf_hub_url
     from huggingface_hub.errors import HfHubHTTPError
@@ -395,7 +432,7 @@ def _http_fetch(target: _Target, f: RemoteFile, part: Path, have: int, progress:
     with open(part, "ab") as fh:
         try:
             http_get(url, fh, resume_size=have, headers=headers, expected_size=f.size, displayed_filename=f.name,
-                     tqdm_class=functools.partial(_Bar, progress, f.name))  # fmt: skip
+                     tqdm_class=functools.partial(_Bar, progress, f.name, cancel))  # fmt: skip
         except OSError as exc:
             if isinstance(exc, HfHubHTTPError | ConnectionError | TimeoutError):
                 raise
@@ -443,7 +480,7 @@ def _fetch_small(target: _Target, f: RemoteFile, progress: Progress | None) -> F
 
 
 def download(name_or_repo: str, *, components: tuple[str, ...] | None = None, revision: str | None = None,
-             local_dir: Path | None = None, progress: Progress | None = None,
+             local_dir: Path | None = None, progress: Progress | None = None, workers: int = 4,
              settings: HubSettings | None = None) -> DownloadResult:  # fmt: skip
     """Fetch a catalog entry (or a whole repo) into the HF cache or ``local_dir``; every file is checked."""
     settings = settings or HubSettings.from_env()
@@ -457,8 +494,7 @@ def download(name_or_repo: str, *, components: tuple[str, ...] | None = None, re
                     f"{_gib(needed)} to fetch into {target.folder}")  # fmt: skip
     result = DownloadResult(request.repo_id, request.revision, commit, target.folder, False, entry=request.entry)
     with hub_errors(request.repo_id, request.revision, settings):
-        for f in files:
-            result.files.append(_fetch_large(target, f, progress) if f.lfs else _fetch_small(target, f, progress))
+        result.files = _fetch_all(target, files, progress, workers)
     if local_dir is None and request.revision != commit:
         ref = target.storage / "refs" / request.revision
         ref.parent.mkdir(parents=True, exist_ok=True)

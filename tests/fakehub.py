@@ -56,7 +56,7 @@ class FakeHub:
     token: str = "hf_fake_token"
     cut: dict[str, list[int]] = field(default_factory=dict)
     corrupt: set[str] = field(default_factory=set)
-    log: list[tuple[str, str, str | None, int]] = field(default_factory=list)
+    log: list[list] = field(default_factory=list)  # [method, path, Range header, status]
 
     def __post_init__(self):
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -100,8 +100,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _serve(self, body: bool) -> None:
             path = unquote(urlsplit(self.path).path)
-            status = self._route(path, body)
-            hub.log.append((self.command, path, self.headers.get("Range"), status))
+            entry = [self.command, path, self.headers.get("Range"), 0]
+            hub.log.append(entry)  # before answering, so the client never finishes ahead of the log
+            entry[3] = self._route(path, body)
 
         def _route(self, path: str, body: bool) -> int:
             if m := _INFO.match(path):

@@ -92,6 +92,7 @@ def download(
                                                help="dit, t5, clip, vae, tokenizer or lora (repeatable; default all)."),
     revision: str | None = typer.Option(None, "--revision", "-r", help="Branch, tag or commit (default: catalog's)."),
     dir_: Path | None = typer.Option(None, "--dir", "-d", help="Plain folder to download into (default: HF cache)."),
+    workers: int = typer.Option(4, "--workers", "-j", help="Large files downloaded at the same time."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Download a Wan2.1 checkpoint from the Hugging Face Hub (resumable; every file checked against the Hub's hashes).
@@ -117,7 +118,7 @@ def download(
                TimeRemainingColumn())  # fmt: skip
     with RichProgress(*columns, console=err, transient=False) as bars:
         result = fetch(name, components=tuple(component) if component else None, revision=revision,
-                       local_dir=dir_, progress=_RichFiles(bars))  # fmt: skip
+                       local_dir=dir_, progress=_RichFiles(bars), workers=workers)  # fmt: skip
     _summary(result, as_json)
 
 
