@@ -166,6 +166,20 @@ def test_corrupt_transfer_fails_checksum_and_leaves_nothing(hub: FakeHub, repo: 
     assert run("t2v-14b", "-c", "vae").exit_code == 0
 
 
+def test_parallel_failure_leaves_only_valid_blobs(hub: FakeHub, repo: FakeRepo, tmp_path: Path):
+    hub.corrupt.add(SHARD)
+    res = run("t2v-14b", "--workers", "4")
+    assert res.exit_code == 3 and f"{SHARD} is corrupt" in res.stderr
+    blobs = snapshot(tmp_path, repo).parent.parent / "blobs"
+    for blob in blobs.iterdir():  # whatever finished is correct; the rest is a visibly partial file or absent
+        if not blob.name.endswith(dl.PART_SUFFIX):
+            algorithm = dl.algorithm_of(blob.name)
+            assert algorithm and dl.file_digest(blob, algorithm) == blob.name
+    assert not (blobs / hashlib.sha256(repo.files[SHARD]).hexdigest()).exists()
+    hub.corrupt.clear()
+    assert run("t2v-14b").exit_code == 0
+
+
 def test_corrupted_cached_file_is_detected_and_removed(hub: FakeHub, repo: FakeRepo, tmp_path: Path):
     assert run("t2v-14b", "-c", "dit").exit_code == 0
     blob = (snapshot(tmp_path, repo) / SHARD).resolve()
@@ -212,6 +226,13 @@ def test_offline_uses_cache_without_requests(hub: FakeHub, repo: FakeRepo, tmp_p
     files = json.loads(res.stdout)["files"]
     assert len(files) == len(repo.files) - 1 and all(f["algorithm"] in ("sha256", "git-sha1") for f in files)
     assert dl.resolve_source("t2v-14b") == snapshot(tmp_path, repo)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    dest = tmp_path / "plain"
+    assert run("t2v-14b", "-c", "vae", "--dir", str(dest)).exit_code == 0
+    (dest / VAE).write_bytes(b"tampered")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = run("t2v-14b", "-c", "vae", "--dir", str(dest))
+    assert res.exit_code == 3 and f"{VAE} is corrupt" in res.stderr and not (dest / VAE).exists()
 
 
 def test_not_enough_disk_space_stops_before_download(hub: FakeHub, monkeypatch):
