@@ -385,6 +385,7 @@ def _fetch_all(target: _Target, files: list[RemoteFile], progress: Progress | No
                 done[futures[fut].name] = fut.result()
         except BaseException:
             cancel.set()
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
     return [done[f.name] for f in files]
 
@@ -397,6 +398,9 @@ def _fetch_large(target: _Target, f: RemoteFile, progress: Progress | None, canc
     """An LFS file: resume or start the partial file, hash it, then move it into place and link it."""
     result = FileResult(f.name, f.size, "sha256", f.digest)
     final = target.final(f)
+    recorded = _local_etag(target.local_dir, f.name) if target.local_dir is not None else None
+    if final.exists() and recorded not in (None, f.digest):
+        final.unlink()  # a --dir file from another revision: replace it, it is not corrupt
     if final.exists():
         verify_or_remove(final, f.digest, "sha256", f.name, also_remove=(target.folder / f.name,), progress=progress)
     else:
@@ -528,17 +532,22 @@ def _local_result(request: Request, settings: HubSettings, local_dir: Path | Non
 def _check_local(path: Path, name: str, local_dir: Path | None, verify: bool) -> FileResult:
     """Check a file on disk against the digest its cache blob is named by (or its --dir metadata etag)."""
     blob = Path(os.path.realpath(path))
-    digest: str | None = blob.name if local_dir is None else None
-    if local_dir is not None:
-        with contextlib.suppress(ImportError):
-            from huggingface_hub._local_folder import read_download_metadata
-
-            meta = read_download_metadata(local_dir, name)
-            digest = meta.etag if meta is not None else None
+    digest = blob.name if local_dir is None else _local_etag(local_dir, name)
     algorithm = algorithm_of(digest or "")
     if verify and algorithm is not None:
         verify_or_remove(path, digest, algorithm, name, also_remove=(blob,) if blob != path else ())
     return FileResult(name, path.stat().st_size, algorithm or "none", digest)
+
+
+def _local_etag(local_dir: Path, name: str) -> str | None:
+    """The etag huggingface_hub recorded for a --dir file in .cache/huggingface/download/<name>.metadata (lines:
+    commit, etag, timestamp). Read directly: huggingface_hub's reader ignores it once the file is modified, which is
+    exactly when a check against it matters."""
+    meta = local_dir / ".cache" / "huggingface" / "download" / f"{name}.metadata"
+    with contextlib.suppress(OSError, IndexError):
+        etag = meta.read_text().splitlines()[1].strip()
+        return etag if algorithm_of(etag) else None
+    return None
 
 
 def resolve_source(name_or_path: str) -> Path:

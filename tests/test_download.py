@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -230,6 +232,7 @@ def test_offline_uses_cache_without_requests(hub: FakeHub, repo: FakeRepo, tmp_p
     dest = tmp_path / "plain"
     assert run("t2v-14b", "-c", "vae", "--dir", str(dest)).exit_code == 0
     (dest / VAE).write_bytes(b"tampered")
+    os.utime(dest / VAE, (time.time() + 60, time.time() + 60))  # clearly modified after the download was recorded
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     res = run("t2v-14b", "-c", "vae", "--dir", str(dest))
     assert res.exit_code == 3 and f"{VAE} is corrupt" in res.stderr and not (dest / VAE).exists()
@@ -265,3 +268,13 @@ def test_shared_repo_entry_fetches_only_its_file(hub: FakeHub, tmp_path: Path):
     res = run("distill-i2v-480p-int8", "--json")  # the same snapshot folder gains the second file
     assert res.exit_code == 0 and json.loads(res.stdout)["folder"] == out["folder"]
     assert dl.resolve_components("distill-i2v-480p") == {"dit": [Path(out["folder"]) / names[0]]}
+
+
+def test_dir_file_from_an_older_commit_is_replaced_not_flagged(hub: FakeHub, repo: FakeRepo, tmp_path: Path):
+    dest = tmp_path / "plain"
+    assert run("t2v-14b", "-c", "vae", "--dir", str(dest)).exit_code == 0
+    newer = FakeRepo({**repo.files, VAE: repo.files[VAE] + b"v2"}, commit="e" * 40)
+    hub.repos[REPO] = newer
+    res = run("t2v-14b", "-c", "vae", "--dir", str(dest), "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["commit"] == newer.commit and (dest / VAE).read_bytes() == newer.files[VAE]
