@@ -18,7 +18,6 @@ named by (the Hub's etag: LFS sha256 or git blob SHA-1).
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
 import hashlib
 import os
@@ -117,10 +116,10 @@ def make_request(name_or_repo: str, components: tuple[str, ...] | None = None, r
 
 
 def _matches(name: str, patterns: list[str] | None) -> bool:
-    """huggingface_hub's allow-pattern rule (fnmatch; a pattern ending in '/' means everything below)."""
-    if patterns is None:
-        return True
-    return any(fnmatch.fnmatch(name, p + "*" if p.endswith("/") else p) for p in patterns)
+    """huggingface_hub's own allow-pattern rule (fnmatch; a pattern ending in '/' means everything below)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    return any(True for _ in filter_repo_objects([name], allow_patterns=patterns))
 
 
 def plan_remote(request: Request, settings: HubSettings) -> tuple[str, list[RemoteFile]]:
