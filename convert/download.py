@@ -144,8 +144,8 @@ def _remote_file(sibling) -> RemoteFile:
     return RemoteFile(sibling.rfilename, sibling.size or 0, sibling.blob_id, False)
 
 
-def _check_components(request: Request, names: list[str], where: str) -> None:
-    """Every requested component must match at least one file, or the catalog entry is wrong."""
+def _check_components(request: Request, names: list[str], where: str, hint: str | None = None) -> None:
+    """Every requested component must match at least one file (else the entry is stale, or, offline, not fetched)."""
     if request.entry is None:
         if not names:
             raise HubError(f"{where} has no files - check the repo id and revision")
@@ -153,8 +153,8 @@ def _check_components(request: Request, names: list[str], where: str) -> None:
     for comp in request.components or tuple(request.entry.components):
         pats = list(request.entry.components[comp])
         if not any(_matches(n, pats) for n in names):
-            raise HubError(f"{where} has no file matching {comp} patterns {pats} - the catalog entry "
-                           f"{request.entry.name} may be out of date; pass --revision or a repo id")  # fmt: skip
+            hint = hint or f"the catalog entry {request.entry.name} may be out of date; pass --revision or a repo id"
+            raise HubError(f"{where} has no file matching {comp} patterns {pats} - {hint}")
 
 
 # --------------------------------------------------------------------------------------------------------- errors
@@ -505,7 +505,8 @@ def download(name_or_repo: str, *, components: tuple[str, ...] | None = None, re
     return result
 
 
-def _local_result(request: Request, settings: HubSettings, local_dir: Path | None, verify: bool) -> DownloadResult:
+def _local_result(request: Request, settings: HubSettings, local_dir: Path | None, verify: bool,
+                  every_component: bool = True) -> DownloadResult:  # fmt: skip
     """What is already on disk for a request, without touching the network (offline mode, resolve_source)."""
     repo, rev = request.repo_id, request.revision
     hint = "unset HF_HUB_OFFLINE and run `wanpack download` to fetch it, or point HF_HOME at the cache that has it"
@@ -521,7 +522,8 @@ def _local_result(request: Request, settings: HubSettings, local_dir: Path | Non
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                    if p.is_file() and ".cache" not in p.relative_to(folder).parts)  # fmt: skip
     names = [n for n in names if _matches(n, request.patterns) and not n.endswith(PART_SUFFIX)]
-    _check_components(request, names, f"{repo}@{rev} in {folder}")
+    if every_component or not names:
+        _check_components(request, names, f"{repo}@{rev} in {folder}", f"that component was not downloaded; {hint}")
     result = DownloadResult(repo, rev, commit, folder, True, entry=request.entry)
     for name in names:
         result.files.append(_check_local(folder / name, name, local_dir, verify))
@@ -584,7 +586,7 @@ def _resolve_cached(name: str) -> DownloadResult:
                           "or a name from `wanpack download --list`") from None  # fmt: skip
     settings = HubSettings.from_env()
     try:
-        return _local_result(request, settings, None, verify=False)
+        return _local_result(request, settings, None, verify=False, every_component=False)
     except WanpackError:
         raise SourceError(f"{name} is not downloaded (looked in {settings.cache_dir}) - run `wanpack download {name}` "
                           "first, or pass the checkpoint folder") from None  # fmt: skip

@@ -249,10 +249,15 @@ def test_not_enough_disk_space_stops_before_download(hub: FakeHub, monkeypatch):
     assert [e for e in hub.log if "/resolve/" in e[1]] == []  # only the metadata call was made
 
 
-def test_resolve_source_paths_and_errors(hub: FakeHub, tmp_path: Path):
+def test_resolve_source_paths_and_errors(hub: FakeHub, repo: FakeRepo, tmp_path: Path):
     assert dl.resolve_source(str(tmp_path)) == tmp_path
     with pytest.raises(SourceError, match="is not downloaded"):
         dl.resolve_source("i2v-14b-480p")
+    with pytest.raises(SourceError, match="is a file"):
+        dl.resolve_source(str(Path(__file__)))
+    assert run("t2v-14b", "-c", "dit").exit_code == 0  # a partial download is enough: convert checks what it needs
+    assert dl.resolve_source("t2v-14b") == snapshot(tmp_path, repo)
+    assert dl.resolve_components("t2v-14b")["t5"] == []
     with pytest.raises(SourceError, match="neither a folder nor a catalog name"):
         dl.resolve_source("no-such-model")
 

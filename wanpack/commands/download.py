@@ -78,8 +78,9 @@ def _summary(result, as_json: bool) -> None:
     fetched = sum(f.downloaded for f in result.files)
     out.print(f"{result.repo_id}@{result.commit[:12]}: {len(result.files)} files, {human_bytes(result.total_bytes)} "
               f"in {result.folder}")  # fmt: skip
-    out.print(f"fetched {human_bytes(fetched)}; {checked}/{len(result.files)} files checked "
-              "(LFS: sha256 vs the Hub's LFS oid; others: git blob SHA-1)")  # fmt: skip
+    how = ("offline: each cached file against the digest huggingface_hub named it by" if result.offline
+           else "LFS: sha256 vs the Hub's LFS oid; others: git blob SHA-1")  # fmt: skip
+    out.print(f"fetched {human_bytes(fetched)}; {checked}/{len(result.files)} files checked ({how})")
     if result.entry is not None:
         out.print(f"next: wanpack convert {result.entry.name} --arch {result.entry.arch} ...")
 
