@@ -283,3 +283,19 @@ def test_dir_file_from_an_older_commit_is_replaced_not_flagged(hub: FakeHub, rep
     res = run("t2v-14b", "-c", "vae", "--dir", str(dest), "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["commit"] == newer.commit and (dest / VAE).read_bytes() == newer.files[VAE]
+
+
+def test_settings_follow_the_environment(tmp_path: Path, monkeypatch):
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "token").write_text("hf_saved\n")  # what `hf auth login` leaves behind
+    s = dl.HubSettings.from_env()
+    assert (s.cache_dir, s.token, s.endpoint, s.offline) == (tmp_path / "hub", "hf_saved", "http://127.0.0.1:9", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_env")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    s = dl.HubSettings.from_env()
+    assert (s.cache_dir, s.token, s.offline) == (tmp_path / "elsewhere", "hf_env", False)
