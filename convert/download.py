@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from wanpack.manifests.catalog import CatalogEntry, find_entry
-
 from wanpack.errors import NoSpaceError, SourceError, UsageError, VerificationError, WanpackError
+from wanpack.manifests.catalog import CatalogEntry, find_entry
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")

@@ -3,7 +3,7 @@
 The entries are data (catalog.json next to this file); this module only loads and checks them. Each entry names a
 Hub repo and revision, the file patterns of every component (dit, t5, clip, vae, tokenizer, lora), the DiT
 architecture (a key of ``manifests.arch.DIT_ARCHS``: the user never has to guess it from file names) and the preset
-``wanpack run`` starts from. ``verified: false`` marks entries whose layout was not confirmed from a primary source.
+``wanpack run`` starts from (a file in manifests/presets/). ``verified: false`` marks entries whose layout was not confirmed from a primary source.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from wanpack.manifests.arch import DIT_ARCHS
-
 from wanpack.errors import UsageError
+from wanpack.manifests.arch import DIT_ARCHS
+from wanpack.manifests.run_config import preset_names
 
 CATALOG_PATH = Path(__file__).with_name("catalog.json")
 COMPONENTS = ("dit", "t5", "clip", "vae", "tokenizer", "lora")
@@ -57,6 +57,8 @@ def _entry(name: str, raw: dict) -> CatalogEntry:
         raise UsageError(f"{where} lacks {missing} or has unknown keys {sorted(unknown)} - fix {CATALOG_PATH.name}")
     if raw["arch"] not in DIT_ARCHS:
         raise UsageError(f"{where} names arch {raw['arch']!r} - use one of {', '.join(DIT_ARCHS)}")
+    if raw["preset"] not in preset_names():
+        raise UsageError(f"{where} names preset {raw['preset']!r} - use one of {', '.join(preset_names())}")
     comps = raw["components"]
     bad = [c for c in comps if c not in COMPONENTS]
     if not comps or bad:

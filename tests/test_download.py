@@ -17,12 +17,14 @@ import huggingface_hub.file_download
 import pytest
 from fakehub import FakeHub, FakeRepo
 from typer.testing import CliRunner
-from wanpack.convert import download as dl
-from wanpack.manifests.arch import DIT_ARCHS
-from wanpack.manifests.catalog import COMPONENTS, find_entry, load_catalog
 
 from wanpack.cli import app
+from wanpack.convert import download as dl
+from wanpack.convert.synth import SYNTH_DECLARATION
 from wanpack.errors import SourceError
+from wanpack.manifests.arch import DIT_ARCHS
+from wanpack.manifests.catalog import COMPONENTS, find_entry, load_catalog
+from wanpack.manifests.run_config import preset_names
 
 REPO = "Wan-AI/Wan2.1-T2V-14B"
 SHARD = "diffusion_pytorch_model-00001-of-00002.safetensors"
@@ -35,7 +37,9 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture(scope="module")
 def repo(tiny_t2v: Path) -> FakeRepo:
     extra = {**TOKENIZER, "README.md": b"# not wanted by any component\n"}
-    return FakeRepo.from_folder(tiny_t2v, extra, commit="c0ffee" + "0" * 34)
+    fake = FakeRepo.from_folder(tiny_t2v, extra, commit="c0ffee" + "0" * 34)
+    fake.files.pop(SYNTH_DECLARATION, None)  # wanpack's own marker for synthetic folders; no Hub repo has it
+    return fake
 
 
 @pytest.fixture
@@ -69,12 +73,14 @@ def test_catalog_entries_are_complete_and_valid(tiny_t2v: Path):
     assert {"Wan-AI/Wan2.1-T2V-1.3B", REPO, "Wan-AI/Wan2.1-I2V-14B-480P", "Wan-AI/Wan2.1-I2V-14B-720P",
             "lightx2v/Wan2.1-Distill-Models", "lightx2v/Wan2.1-Distill-Loras"} <= repos  # fmt: skip
     for e in entries.values():
-        assert e.arch in DIT_ARCHS and set(e.components) <= set(COMPONENTS) and e.revision and e.preset
+        assert e.arch in DIT_ARCHS and set(e.components) <= set(COMPONENTS) and e.revision
+        assert e.preset in preset_names(), e.name
         assert e.verified == e.repo_id.startswith("Wan-AI/"), e.name  # lightx2v layouts are marked unverified
     assert find_entry(REPO).name == "t2v-14b"
     assert find_entry("lightx2v/Wan2.1-Distill-Models") is None  # shared by several entries: ambiguous
     # Each component's patterns pick exactly its files from the hub layout, and no two components share a file.
     names = [p.relative_to(tiny_t2v).as_posix() for p in tiny_t2v.rglob("*") if p.is_file()] + list(TOKENIZER)
+    names.remove(SYNTH_DECLARATION)
     picked = {c: {n for n in names if dl._matches(n, list(p))} for c, p in entries["t2v-14b"].components.items()}
     assert picked["dit"] == {"config.json", SHARD, SHARD.replace("00001-", "00002-"),
                              "diffusion_pytorch_model.safetensors.index.json"}  # fmt: skip
@@ -159,7 +165,7 @@ def test_interrupted_run_resumes_next_run(hub: FakeHub, repo: FakeRepo, tmp_path
 def test_corrupt_transfer_fails_checksum_and_leaves_nothing(hub: FakeHub, repo: FakeRepo, tmp_path: Path):
     hub.corrupt.add(VAE)
     res = run("t2v-14b", "-c", "vae")
-    assert res.exit_code == 3
+    assert res.exit_code == 1
     assert f"{VAE} is corrupt: sha256" in res.stderr and "deleted" in res.stderr
     storage = snapshot(tmp_path, repo).parent.parent
     assert not [p for p in (storage / "blobs").iterdir()]  # neither a blob nor a partial file
@@ -171,7 +177,7 @@ def test_corrupt_transfer_fails_checksum_and_leaves_nothing(hub: FakeHub, repo: 
 def test_parallel_failure_leaves_only_valid_blobs(hub: FakeHub, repo: FakeRepo, tmp_path: Path):
     hub.corrupt.add(SHARD)
     res = run("t2v-14b", "--workers", "4")
-    assert res.exit_code == 3 and f"{SHARD} is corrupt" in res.stderr
+    assert res.exit_code == 1 and f"{SHARD} is corrupt" in res.stderr
     blobs = snapshot(tmp_path, repo).parent.parent / "blobs"
     for blob in blobs.iterdir():  # whatever finished is correct; the rest is a visibly partial file or absent
         if not blob.name.endswith(dl.PART_SUFFIX):
@@ -189,7 +195,7 @@ def test_corrupted_cached_file_is_detected_and_removed(hub: FakeHub, repo: FakeR
     data[len(data) // 2] ^= 1
     blob.write_bytes(bytes(data))
     res = run("t2v-14b", "-c", "dit")
-    assert res.exit_code == 3 and f"{SHARD} is corrupt" in res.stderr
+    assert res.exit_code == 1 and f"{SHARD} is corrupt" in res.stderr
     assert not blob.exists() and not (snapshot(tmp_path, repo) / SHARD).is_symlink()
     assert run("t2v-14b", "-c", "dit").exit_code == 0
     assert (snapshot(tmp_path, repo) / SHARD).read_bytes() == repo.files[SHARD]
@@ -235,7 +241,7 @@ def test_offline_uses_cache_without_requests(hub: FakeHub, repo: FakeRepo, tmp_p
     os.utime(dest / VAE, (time.time() + 60, time.time() + 60))  # clearly modified after the download was recorded
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     res = run("t2v-14b", "-c", "vae", "--dir", str(dest))
-    assert res.exit_code == 3 and f"{VAE} is corrupt" in res.stderr and not (dest / VAE).exists()
+    assert res.exit_code == 1 and f"{VAE} is corrupt" in res.stderr and not (dest / VAE).exists()
 
 
 def test_not_enough_disk_space_stops_before_download(hub: FakeHub, monkeypatch):

@@ -98,8 +98,9 @@ def download(
 ) -> None:
     """Download a Wan2.1 checkpoint from the Hugging Face Hub (resumable; every file checked against the Hub's hashes).
 
-    Honours HF_HOME, HF_HUB_CACHE, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE. Exit codes: 0 ok, 1 Hub/network/disk
-    error, 2 usage, 3 a file failed its checksum (it was deleted), 130 interrupted (partial files resume next time).
+    Honours HF_HOME, HF_HUB_CACHE, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE. Exit codes: 0 ok, 1 error (Hub,
+    network, disk, or a file that failed its checksum and was deleted), 2 usage, 130 interrupted (partial files resume
+    next time).
 
     Examples:
       wanpack download --list
