@@ -551,18 +551,23 @@ def _local_etag(local_dir: Path, name: str) -> str | None:
 
 
 def resolve_source(name_or_path: str) -> Path:
-    """A local checkpoint folder for a folder path, a catalog name or a repo id already in the HF cache.
+    """The local checkpoint for a folder path, a catalog name or a repo id already in the HF cache.
 
-    No network and no hashing: `wanpack download` verified the files when it fetched them. For catalog entries that
-    share a repo (the lightx2v distill files), the folder may hold other entries' files too; use
-    :func:`resolve_components` to get exactly this entry's files.
+    A folder path comes back as is. A catalog name or repo id gives its snapshot folder, except for one-file entries
+    (the lightx2v distill DiTs and LoRAs, which share one repo and so one snapshot folder): those give the file itself,
+    which `wanpack convert` takes as a source (or --lora). No network and no hashing: `wanpack download` checked the
+    files when it fetched them. :func:`resolve_components` lists an entry's files per component.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise SourceError(f"{name_or_path} is a file - pass the checkpoint folder (or a catalog name)")
-    return _resolve_cached(name_or_path).folder
+    result = _resolve_cached(name_or_path)
+    patterns = result.entry.patterns() if result.entry is not None else []
+    if len(patterns) == 1 and not any(c in patterns[0] for c in "*?[") and len(result.files) == 1:
+        return result.folder / result.files[0].name
+    return result.folder
 
 
 def resolve_components(name_or_path: str) -> dict[str, list[Path]]:

@@ -276,6 +276,7 @@ def test_shared_repo_entry_fetches_only_its_file(hub: FakeHub, tmp_path: Path):
     out = json.loads(res.stdout)
     assert [f["name"] for f in out["files"]] == names[:1] and out["preset"] == "distill-4step"
     assert dl.resolve_components("distill-i2v-480p") == {"dit": [Path(out["folder"]) / names[0]]}
+    assert dl.resolve_source("distill-i2v-480p") == Path(out["folder"]) / names[0]  # one-file entry: the file
     res = run("distill-i2v-480p-int8", "--json")  # the same snapshot folder gains the second file
     assert res.exit_code == 0 and json.loads(res.stdout)["folder"] == out["folder"]
     assert dl.resolve_components("distill-i2v-480p") == {"dit": [Path(out["folder"]) / names[0]]}
