@@ -306,3 +306,12 @@ def test_settings_follow_the_environment(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     s = dl.HubSettings.from_env()
     assert (s.cache_dir, s.token, s.offline) == (tmp_path / "elsewhere", "hf_env", False)
+
+
+def test_convert_takes_a_downloaded_catalog_name(hub: FakeHub, tmp_path: Path):
+    assert run("t2v-14b", "-c", "dit").exit_code == 0
+    pack = tmp_path / "pack"
+    arch = find_entry("t2v-14b").arch  # tiny widths: config.json alone cannot name the architecture
+    res = CliRunner().invoke(app, ["convert", "t2v-14b", "--arch", arch, "-c", "dit", "--out", str(pack), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["components"] == ["dit"] and (pack / "manifest.json").is_file()
