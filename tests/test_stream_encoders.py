@@ -45,3 +45,11 @@ def test_streamed_t5_equals_resident(t5_pack, gran, prefetch):
                     x = enc.phase(phase)(w, x, ctx)
             out = enc.finish(eng.resident, x, ctx)
             assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+
+
+def test_planner_refuses_encoders(t5_pack):
+    from wanpack.errors import UsageError
+    from wanpack.runtime.stream.planner import plan
+
+    with pytest.raises(UsageError, match="dit component"):
+        plan(PackComponent(t5_pack, "t5"), vram_budget=1 << 33, ram_budget=1 << 34, width=832, height=480, frames=81)

@@ -19,6 +19,7 @@ unit stays in its own slot after the first pass and later forwards copy nothing.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from wanpack.runtime.stream.reader import (
     sha256_file,
 )
 
+ABANDON_WAIT_S = 10.0  # how long a stopped forward waits for in-flight reads before closing the engine
 MAX_INLINE_PREFIX = 64 << 20  # shard bytes before a unit that we are willing to hash again for in-stream verification
 
 
@@ -296,9 +298,11 @@ class StreamEngine:
 
     def _abandon(self) -> None:
         """The consumer stopped mid-forward (error, break, Ctrl-C): drain reads and restart at the next forward."""
+        deadline = time.monotonic() + min(ABANDON_WAIT_S, self.opt.read_timeout_s)
         for _buf, req, ring in self._host.values():
-            if req is not None:
-                req.done.wait(self.opt.read_timeout_s)
+            if req is not None and not req.done.wait(max(0.0, deadline - time.monotonic())):
+                self.close()  # a stalled read still owns its buffer: stop here rather than hang (Ctrl-C stays quick)
+                return
             if ring is not None:
                 self.host.give_back(ring)
         for unit_index, req in list(self._cache_reqs.items()):

@@ -152,6 +152,9 @@ def plan(pack: PackComponent, *, vram_budget: int, ram_budget: int, width: int, 
          granularity: str | None = None, disk_workers: int | None = None, cache: str = "auto") -> Plan:  # fmt: skip
     """Choose the fastest plan that fits both budgets, or raise BudgetError with the minimum needed."""
     cfg = pack.entry.config
+    if cfg.get("kind") != "dit":
+        raise UsageError(f"the planner models the DiT's activations, not {pack.name}'s - plan the dit component; "
+                         "encoders stream with StreamOptions set directly")  # fmt: skip
     pt, ph, pw = cfg.get("patch_size", (1, 2, 2))
     lat = latent_shape(width, height, frames)
     tokens = math.ceil(lat[0] / pt) * (lat[1] // ph) * (lat[2] // pw)

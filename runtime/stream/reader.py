@@ -228,8 +228,9 @@ class DiskReader:
         self._stop.set()
         for _ in self._threads:
             self._queue.put(None)
+        deadline = time.monotonic() + 10.0  # a stalled pread cannot be cancelled; daemon threads die with the process
         for t in self._threads:
-            t.join(timeout=10)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def sha256_file(shard: ShardFile, reader_chunk: int = 16 << 20) -> str:
