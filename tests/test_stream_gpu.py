@@ -55,8 +55,8 @@ def test_graph_mode_captures_and_replays(pack):
         outs = [eng.run(x0().cuda(), block_fn) for _ in range(3)]
         assert eng.graphs.captures == 2  # one per slot: all blocks share a layout
         assert eng.graphs.replays == 3 * 4 - 2
-    for out in outs:
-        assert torch.equal(out, eager)
+    for out in outs:  # same kernels; cuBLAS may pick another algorithm on the capture stream, hence not equal()
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_timeline_shows_copies_and_computes(pack):
