@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from wanpack.convert.synth import synth_checkpoint
 
 
