@@ -16,9 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-
 from wanpack.convert.safetensors_io import PlannedTensor, ShardWriter, plan_shard, st_dtype
-from wanpack.errors import UsageError
 from wanpack.manifests.arch import (
     CLIPConfig,
     DiTConfig,
@@ -27,6 +25,8 @@ from wanpack.manifests.arch import (
     dit_config,
     encoder_config,
 )
+
+from wanpack.errors import UsageError
 
 DIT_SINGLE = "diffusion_pytorch_model.safetensors"
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"

@@ -46,7 +46,7 @@ class DiTOptions:
 
 @dataclass
 class CrossKV:
-    """Cross-attention keys/values of one block for one batch of prompts: [B, Lctx, H, hd] each (image ones i2v only)."""
+    """One block's cross-attention keys/values for a batch of prompts, [B, Lctx, H, hd] each (image ones: i2v)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -330,7 +330,8 @@ def chunk_tokens_for(cfg: DiTConfig, budget_bytes: int = DEFAULT_CHUNK_BUDGET, d
 
 
 def activation_memory(cfg: DiTConfig, latent_shape: tuple[int, int, int], *, batch: int = 1,
-                      opts: DiTOptions | None = None, residual_dtype: torch.dtype | None = None) -> dict[str, int]:  # fmt: skip
+                      opts: DiTOptions | None = None,
+                      residual_dtype: torch.dtype | None = None) -> dict[str, int]:  # fmt: skip
     """Estimated peak activation bytes of one block at a latent size (F, H, W), chunking included.
 
     Parts: the residual, self-attention K and V (full length), RoPE tables, one chunk's temporaries, cross K/V.

@@ -23,7 +23,8 @@ def _axis_angles(n: int, dim: int, theta: float) -> torch.Tensor:
 
 
 def rope_tables(grid: tuple[int, int, int], head_dim: int, *, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu", theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                device: torch.device | str = "cpu",
+                theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(cos, sin), each [F*H*W, head_dim/2], for tokens in (f, h, w) row-major order on the patch grid."""
     f, h, w = grid
     dt, dh, dw = axis_dims(head_dim)

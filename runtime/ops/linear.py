@@ -260,8 +260,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """y = x @ W^T + b, where W = weight * scale when the weight is quantized.
 
-    Shapes: x [..., in], weight [out, in], scale [out, 1] float32 (quantized weights only), bias [out]. Returns [..., out]
-    in x's dtype.
+    Shapes: x [..., in], weight [out, in], scale [out, 1] float32 (quantized weights only), bias [out].
+    Returns [..., out] in x's dtype.
     """
     if scale is None or weight.dtype not in QMAX:
         w = weight.to(x.dtype) if scale is None else (weight.float() * scale.float()).to(x.dtype)

@@ -59,9 +59,10 @@ def quantize_rows(x2d: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.T
 
 
 @triton.jit
-def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET, stride_am, stride_bn,
-                      stride_cm, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET,
+                      stride_am, stride_bn, stride_cm, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):  # fmt: skip
     """C[M, N] = (A[M, K] int8 @ B[N, K]^T int8) * a_scale[M] * b_scale[N] + bias[N], int32 accumulation.
 
     K is a compile-time constant: a DiT has two (dim and ffn_dim), and a fixed trip count lets the loop pipeline.
