@@ -1,4 +1,4 @@
-"""Block-level checks on our own implementation: quantized vs fp32, chunked vs unchunked, the cross K/V cache, memory."""
+"""Block-level checks of our own implementation: quantized vs fp32, chunked vs unchunked, cross K/V cache, memory."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from dit_helpers import make_weights, quantized, tiny_cfg
 from wanpack.manifests.arch import dit_config
 from wanpack.runtime.models import dit

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from wanpack.convert.quantize import dequantize_weight, quantize_weight
-from wanpack.errors import UsageError, WanpackError
 from wanpack.runtime.ops import linear as lin
 from wanpack.runtime.ops.report import report_backends
+
+from wanpack.errors import UsageError, WanpackError
 
 
 @pytest.fixture(autouse=True)
@@ -154,7 +154,8 @@ for bias, k in ((b, 96), (None, 80)):
     if bias is not None:
         ref = ref + b.double()
     assert torch.isfinite(c).all()
-    assert torch.allclose(c.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item()), (c.double() - ref).abs().max()
+    tol = 1e-6 * ref.abs().max().item()
+    assert torch.allclose(c.double(), ref, rtol=1e-6, atol=tol), (c.double() - ref).abs().max()
     assert torch.equal(c[4], torch.zeros(40) if bias is None else b)
 print("ok")
 """

@@ -273,5 +273,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def describe_gemm(device: torch.device | str) -> dict[str, str]:
-    """Which backend each weight kind uses on ``device``: {'bf16': 'matmul', 'int8': ..., 'fp8': ...}."""
-    return {"bf16": "matmul", **{k: gemm_backend(d, device).name for k, d in QUANT_DTYPES.items()}}
+    """Which backend each weight kind uses on ``device``: {'bf16': 'matmul', 'int8': ..., 'fp8': ...}.
+
+    A kind the forced backend cannot handle shows as '-' (using such weights raises the UsageError).
+    """
+    info = {"bf16": "matmul"}
+    for kind, dtype in QUANT_DTYPES.items():
+        forced_other = _forced is not None and dtype not in BACKENDS[_forced].dtypes
+        info[kind] = "-" if forced_other else gemm_backend(dtype, device).name
+    return info
