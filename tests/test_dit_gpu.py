@@ -94,14 +94,16 @@ def _block(cfg, scheme):
     return w
 
 
-def test_14b_block_schemes_against_fp32():
+@pytest.mark.parametrize("arch", ["wan2.1-t2v-14b", "wan2.1-i2v-14b"])
+def test_14b_block_schemes_against_fp32(arch):
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = dit_config("wan2.1-t2v-14b", layers=1)
+    cfg = dit_config(arch, layers=1)
     grid = (4, 16, 32)  # 2048 tokens
     gen = torch.Generator(device=DEV).manual_seed(1)
     x = torch.randn(1, 2048, cfg.dim, device=DEV, generator=gen)
     e0 = 0.3 * torch.randn(1, 6, cfg.dim, device=DEV, generator=gen)
-    ctx = torch.randn(1, cfg.text_len, cfg.dim, device=DEV, generator=gen)
+    n_ctx = cfg.text_len + (cfg.image_tokens if cfg.model_type == "i2v" else 0)  # 769 for i2v: odd key lengths
+    ctx = torch.randn(1, n_ctx, cfg.dim, device=DEV, generator=gen)
     f32 = dit.DiTOptions(dtype=torch.float32, chunk_tokens=1024)
     rope = dit.rope_tables(grid, cfg.head_dim, device=DEV)
     w = _block(cfg, "fp32")

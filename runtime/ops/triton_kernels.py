@@ -32,8 +32,9 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.cons
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)
-    scale = amax / QMAX
-    y = x / tl.where(amax > 0, scale, 1.0)
+    # IEEE-rounded divisions (Triton's plain '/' may be approximate) so q and scale match torch bit for bit
+    scale = tl.div_rn(amax, QMAX)
+    y = tl.div_rn(x, tl.where(amax > 0, scale, 1.0))
     if IS_INT8:
         # round half away from zero, then truncate; |y| <= 127 so no clamp is needed
         q = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
