@@ -111,7 +111,8 @@ def block_inputs(cfg, n: int, dev, opts, seed: int = 1):
 
 
 def grid_for(n: int) -> tuple[int, int, int]:
-    return {32760: (21, 30, 52), 75600: (21, 45, 80)}.get(n, (1, 1, n))
+    known = {32760: (21, 30, 52), 75600: (21, 45, 80)}
+    return known.get(n, (n // 1024, 32, 32) if n % 1024 == 0 else (1, 1, n))
 
 
 # ------------------------------------------------------------------------------------------------ measurements

@@ -76,7 +76,9 @@ def test_every_available_backend_matches_exact_w8a8(scheme):
     assert tried
 
 
-BLOCK_BOUNDS = {"bf16": 0.01, "int8": 0.03, "fp8": 0.10}
+# At width 5120 a Gaussian row's absmax is ~4x its RMS, so one int8 W8A8 linear errs ~1.3% and one fp8 linear ~5%;
+# two to three in series per phase give ~2-3% and ~8%. bf16 rounding gives ~0.3% per linear.
+BLOCK_BOUNDS = {"bf16": 0.02, "int8": 0.05, "fp8": 0.15}
 
 
 def _block(cfg, scheme):

@@ -83,12 +83,13 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dt
 
 def _add_residual(xs: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None) -> None:
     """xs += y (* gate) accumulated in at least fp32; xs is a view of the residual stream."""
+    wide = xs if xs.dtype == torch.promote_types(xs.dtype, torch.float32) else xs.float()
     if gate is None:
-        gate = torch.ones((), dtype=torch.promote_types(xs.dtype, torch.float32), device=xs.device)
-    if xs.dtype == torch.promote_types(xs.dtype, torch.float32):
-        xs.addcmul_(y, gate)
+        wide.add_(y)
     else:
-        xs.copy_(torch.addcmul(xs.float(), y, gate))
+        wide.addcmul_(y, gate)
+    if wide is not xs:
+        xs.copy_(wide)
 
 
 def block_weights(weights: Weights, index: int) -> dict[str, torch.Tensor]:
