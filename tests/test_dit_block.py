@@ -10,6 +10,7 @@ from dit_helpers import make_weights, quantized, tiny_cfg
 from wanpack.manifests.arch import dit_config
 from wanpack.runtime.models import dit
 from wanpack.runtime.ops import linear as lin
+from wanpack.runtime.ops.norms import apply_rope
 
 FP32 = dit.DiTOptions(dtype=torch.float32, chunk_tokens=1 << 30)
 
@@ -76,8 +77,8 @@ def test_chunked_rope_is_bit_exact():
     cfg = tiny_cfg()
     cos, sin = dit.rope_tables((3, 6, 8), cfg.head_dim)
     q = torch.randn(2, 144, cfg.num_heads, cfg.head_dim)
-    whole = dit.apply_rope(q, cos, sin)
-    parts = torch.cat([dit.apply_rope(q[:, s], cos[s], sin[s]) for s in dit._chunks(144, 10)], dim=1)
+    whole = apply_rope(q, cos, sin)
+    parts = torch.cat([apply_rope(q[:, s], cos[s], sin[s]) for s in dit._chunks(144, 10)], dim=1)
     assert torch.equal(whole, parts)
 
 

@@ -121,3 +121,22 @@ def test_14b_block_schemes_against_fp32(arch):
             whole = dit.block_forward(w, x.clone(), e0, rope, dit.cross_kv(w, ctx.bfloat16(), cfg, opts), cfg,
                                       dit.DiTOptions(dtype=torch.bfloat16, chunk_tokens=4096)) - x  # fmt: skip
             assert ((whole - got).norm() / ref.norm()).item() < 1e-3  # chunking: bf16 GEMM tiling may differ
+
+
+def test_fused_norms_match_torch_at_14b_width():
+    from wanpack.runtime.ops import norms
+
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    x = torch.randn(2, 333, 5120, device=DEV, generator=gen)
+    shift, scale = (0.3 * torch.randn(2, 6, 5120, device=DEV, generator=gen)).chunk(6, dim=1)[:2]
+    w = 1 + 0.1 * torch.randn(5120, device=DEV, generator=gen)
+    cos, sin = dit.rope_tables((3, 9, 37), 128, device=DEV)
+    assert norms._fused(x, torch.float32)  # the self-check passed on this GPU
+    f32, bf = torch.float32, torch.bfloat16
+    got = norms.layer_norm(x, 1e-6, f32, f32, shift=shift, scale=scale)
+    ref = norms.layer_norm_torch(x, 1e-6, f32, f32, shift=shift, scale=scale)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    y = torch.randn(2, 333, 5120, device=DEV, generator=gen).to(bf)
+    got = norms.rms_norm_rope(y, w, 1e-6, bf, f32, 128, cos, sin).float()
+    ref = norms.rms_norm_rope_torch(y, w, 1e-6, bf, f32, 128, cos, sin).float()
+    assert (got - ref).abs().max().item() <= 2**-7 * ref.abs().max().item()  # at most a bf16 rounding apart

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from wanpack.manifests.arch import DiTConfig
-from wanpack.runtime.models.rope import apply_rope, rope_tables
+from wanpack.runtime.models.rope import rope_tables
 from wanpack.runtime.ops.attention import attention
 from wanpack.runtime.ops.linear import linear
+from wanpack.runtime.ops.norms import layer_norm, rms_norm_rope
 
 from wanpack.errors import UsageError
 
@@ -71,14 +72,15 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                     opts: DiTOptions) -> torch.Tensor:  # fmt: skip
     """LN(x) * (1 + scale) + shift in hi (LayerNorm without affine), returned in the compute dtype."""
-    xn = F.layer_norm(x.to(opts.hi), x.shape[-1:], eps=eps)
-    return torch.addcmul(shift, xn, 1 + scale).to(opts.dtype)
+    return layer_norm(x, eps, opts.dtype, opts.hi, shift=shift, scale=scale)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * weight over the full width (across heads), in ``dtype``."""
-    x = x.to(dtype)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(dtype)
+def _qk_norm(y: torch.Tensor, weight: torch.Tensor, cfg: DiTConfig, opts: DiTOptions,
+             rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    """RMS norm over the full width (across heads) in hi, times its gain, RoPE'd when given -> [B, L, H, hd]."""
+    cos, sin = rope if rope is not None else (None, None)
+    out = rms_norm_rope(y, weight, cfg.eps, opts.dtype, opts.hi, cfg.head_dim, cos, sin)
+    return out.unflatten(-1, (cfg.num_heads, cfg.head_dim))
 
 
 def _add_residual(xs: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None) -> None:
@@ -193,13 +195,11 @@ def self_attn_phase(w: Weights, x: torch.Tensor, e0: torch.Tensor, rope: tuple[t
     v = torch.empty_like(k)
     for s in _chunks(n, opts.chunk_tokens):
         xn = _modulated_norm(x[:, s], shift, scale, cfg.eps, opts)
-        kk = _rms_norm(_lin(w, "self_attn.k", xn), w["self_attn.norm_k.weight"], cfg.eps, opts.hi)
-        k[:, s] = apply_rope(kk.unflatten(-1, (heads, hd)), cos[s], sin[s])
+        k[:, s] = _qk_norm(_lin(w, "self_attn.k", xn), w["self_attn.norm_k.weight"], cfg, opts, (cos[s], sin[s]))
         v[:, s] = _lin(w, "self_attn.v", xn).unflatten(-1, (heads, hd))
     for s in _chunks(n, opts.chunk_tokens):
         xn = _modulated_norm(x[:, s], shift, scale, cfg.eps, opts)
-        q = _rms_norm(_lin(w, "self_attn.q", xn), w["self_attn.norm_q.weight"], cfg.eps, opts.hi)
-        q = apply_rope(q.unflatten(-1, (heads, hd)), cos[s], sin[s]).to(opts.dtype)
+        q = _qk_norm(_lin(w, "self_attn.q", xn), w["self_attn.norm_q.weight"], cfg, opts, (cos[s], sin[s]))
         o = attention(q, k, v).flatten(2)
         _add_residual(x[:, s], _lin(w, "self_attn.o", o), gate)
     return mod
@@ -207,12 +207,11 @@ def self_attn_phase(w: Weights, x: torch.Tensor, e0: torch.Tensor, rope: tuple[t
 
 def cross_kv(w: Weights, ctx: torch.Tensor, cfg: DiTConfig, opts: DiTOptions) -> CrossKV:
     """K/V of one block's cross-attention for a context [B, (257+)512, D]; constant through sampling, so cached."""
-    heads, hd = cfg.num_heads, cfg.head_dim
     img, txt = (ctx[:, : cfg.image_tokens], ctx[:, cfg.image_tokens :]) if cfg.model_type == "i2v" else (None, ctx)
 
     def kv(kname: str, vname: str, norm: str, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = _rms_norm(_lin(w, kname, src), w[norm], cfg.eps, opts.hi).to(opts.dtype)
-        return k.unflatten(-1, (heads, hd)), _lin(w, vname, src).unflatten(-1, (heads, hd))
+        k = _qk_norm(_lin(w, kname, src), w[norm], cfg, opts)
+        return k, _lin(w, vname, src).unflatten(-1, (cfg.num_heads, cfg.head_dim))
 
     k, v = kv("cross_attn.k", "cross_attn.v", "cross_attn.norm_k.weight", txt)
     if img is None:
@@ -226,12 +225,9 @@ def cross_attn_phase(w: Weights, x: torch.Tensor, kv: CrossKV, cfg: DiTConfig, o
 
     i2v: one query attends the text and the image keys separately; the two outputs are summed before ``o``.
     """
-    b, n, d = x.shape
-    norm_w, norm_b = w["norm3.weight"].to(opts.hi), w["norm3.bias"].to(opts.hi)
-    for s in _chunks(n, opts.chunk_tokens):
-        xn = F.layer_norm(x[:, s].to(opts.hi), (d,), norm_w, norm_b, eps=cfg.eps).to(opts.dtype)
-        q = _rms_norm(_lin(w, "cross_attn.q", xn), w["cross_attn.norm_q.weight"], cfg.eps, opts.hi)
-        q = q.to(opts.dtype).unflatten(-1, (cfg.num_heads, cfg.head_dim))
+    for s in _chunks(x.shape[1], opts.chunk_tokens):
+        xn = layer_norm(x[:, s], cfg.eps, opts.dtype, opts.hi, weight=w["norm3.weight"], bias=w["norm3.bias"])
+        q = _qk_norm(_lin(w, "cross_attn.q", xn), w["cross_attn.norm_q.weight"], cfg, opts)
         o = attention(q, kv.k, kv.v)
         if kv.k_img is not None:
             o = o + attention(q, kv.k_img, kv.v_img)

@@ -2,7 +2,8 @@
 
 A head of d channels holds d/2 complex pairs (2i, 2i+1), interleaved. They split into t = d - 4*(d//6) channels
 for the frame index and h = w = 2*(d//6) each for the row and column (44/42/42 for d = 128). Each axis uses the
-standard 1/10000^(2j/dim) frequencies over its own width. Tables are built in float64, as the original does.
+standard 1/10000^(2j/dim) frequencies over its own width. Tables are built in float64, as the original does;
+``wanpack.runtime.ops.norms`` applies them (fused with the Q/K RMS norm on CUDA).
 """
 
 from __future__ import annotations
@@ -35,10 +36,3 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, *, dtype: torch.dtype
     ], dim=-1).reshape(f * h * w, head_dim // 2)  # fmt: skip
     return ang.cos().to(device=device, dtype=dtype), ang.sin().to(device=device, dtype=dtype)
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs: x [B, L, H, D], cos/sin [L, D/2] -> new tensor [B, L, H, D] in cos's dtype."""
-    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)

@@ -133,3 +133,95 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     else:
         _tuned_gemm[grid](*args, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
     return c
+
+
+@triton.jit
+def _rms_rope_kernel(y_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, L, stride_y, stride_o, stride_c, eps,
+                     HALF: tl.constexpr, HALF_HEAD: tl.constexpr, ROPE: tl.constexpr,
+                     BLOCK: tl.constexpr):  # fmt: skip
+    """One program per token row of 2*HALF channels: RMS over the whole row (all heads), gain, then rotate the
+    interleaved pairs (2j, 2j+1) by the row's angles (pair j uses column j % HALF_HEAD of the tables)."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    mask = j < HALF
+    base = y_ptr + row * stride_y + 2 * j
+    a = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(base + 1, mask=mask, other=0.0).to(tl.float32)
+    mean_sq = (tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / (2 * HALF)
+    r = 1.0 / tl.sqrt_rn(mean_sq + eps)
+    a = a * r * tl.load(w_ptr + 2 * j, mask=mask, other=0.0).to(tl.float32)
+    b = b * r * tl.load(w_ptr + 2 * j + 1, mask=mask, other=0.0).to(tl.float32)
+    if ROPE:
+        tab = (row % L) * stride_c + j % HALF_HEAD
+        c = tl.load(cos_ptr + tab, mask=mask, other=1.0)
+        s = tl.load(sin_ptr + tab, mask=mask, other=0.0)
+        a, b = a * c - b * s, a * s + b * c
+    out = out_ptr + row * stride_o + 2 * j
+    tl.store(out, a.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + 1, b.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_rope(y: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+             head_dim: int, eps: float, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """y [B, L, C] -> RMS-normed (over C), gained and (when cos is given) rotated [B, L, C] in out_dtype."""
+    b, n, c = y.shape
+    y2 = y.reshape(b * n, c)
+    if y2.stride(1) != 1:
+        y2 = y2.contiguous()
+    out = torch.empty((b * n, c), dtype=out_dtype, device=y.device)
+    rope = cos is not None
+    tab_c = cos if rope else weight  # unused pointers when ROPE is False
+    tab_s = sin if rope else weight
+    half = c // 2
+    _rms_rope_kernel[(b * n,)](y2, weight, tab_c, tab_s, out, n, y2.stride(0), out.stride(0),
+                               cos.stride(0) if rope else 0, eps, HALF=half, HALF_HEAD=head_dim // 2, ROPE=rope,
+                               BLOCK=triton.next_power_of_2(half), num_warps=4)  # fmt: skip
+    return out.view(b, n, c)
+
+
+@triton.jit
+def _mod_ln_kernel(x_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr, L, stride_xb, stride_xl, stride_mb,
+                   stride_o, eps, C: tl.constexpr, MODULATE: tl.constexpr, AFFINE: tl.constexpr,
+                   BLOCK: tl.constexpr):  # fmt: skip
+    """One program per token: LayerNorm over C in fp32, then * (1 + scale) + shift (per batch) or the affine."""
+    row = tl.program_id(0).to(tl.int64)
+    bi = row // L
+    offs = tl.arange(0, BLOCK)
+    mask = offs < C
+    x = tl.load(x_ptr + bi * stride_xb + (row % L) * stride_xl + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / C
+    d = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(d * d, axis=0) / C
+    y = d / tl.sqrt_rn(var + eps)
+    if MODULATE:
+        sc = tl.load(scale_ptr + bi * stride_mb + offs, mask=mask, other=0.0)
+        sh = tl.load(shift_ptr + bi * stride_mb + offs, mask=mask, other=0.0)
+        y = y * (1.0 + sc) + sh
+    if AFFINE:
+        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = y + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def layer_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype, shift: torch.Tensor | None = None,
+               scale: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """x [B, L, C] (any batch/token strides, unit channel stride) -> LN(x) modulated or affine, [B, L, C] out_dtype.
+
+    shift/scale are fp32 [B or 1, 1, C]; weight/bias [C].
+    """
+    b, n, c = x.shape
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    out = torch.empty((b * n, c), dtype=out_dtype, device=x.device)
+    modulate = shift is not None
+    if modulate:
+        shift = shift.float().expand(b, 1, c).contiguous()
+        scale = scale.float().expand(b, 1, c).contiguous()
+    dummy = out
+    _mod_ln_kernel[(b * n,)](x, shift if modulate else dummy, scale if modulate else dummy,
+                             weight if weight is not None else dummy, bias if bias is not None else dummy, out, n,
+                             x.stride(0), x.stride(1), c if modulate else 0, out.stride(0), eps, C=c,
+                             MODULATE=modulate, AFFINE=weight is not None, BLOCK=triton.next_power_of_2(c),
+                             num_warps=8 if c >= 4096 else 4)  # fmt: skip
+    return out.view(b, n, c)
