@@ -131,7 +131,7 @@ def test_backend_report_is_logged_once():
     lines = []
     report_backends("cpu", log=lines.append)
     info = report_backends("cpu", log=lines.append)
-    assert info["attention"] == "sdpa"
+    assert info["attention"] == "sdpa" and info["norms"] == "torch"
     assert len(lines) <= 1  # another test may have reported cpu already
 
 

@@ -21,12 +21,20 @@ import torch.nn.functional as F
 _fused_ok: dict[torch.device, bool] = {}
 
 
-def _fused(x: torch.Tensor, hi: torch.dtype) -> bool:
-    if not x.is_cuda or hi != torch.float32 or importlib.util.find_spec("triton") is None:
+def fused_norms(device: torch.device | str) -> bool:
+    """Whether the Triton kernels serve fp32-hi norms on ``device`` (CUDA, triton importable, self-check passed)."""
+    device = torch.device(device)
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
         return False
-    if x.device not in _fused_ok:
-        _fused_ok[x.device] = _self_check(x.device)
-    return _fused_ok[x.device]
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _fused_ok:
+        _fused_ok[device] = _self_check(device)
+    return _fused_ok[device]
+
+
+def _fused(x: torch.Tensor, hi: torch.dtype) -> bool:
+    return hi == torch.float32 and x.is_cuda and fused_norms(x.device)
 
 
 def layer_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype, hi: torch.dtype, *,
