@@ -116,11 +116,13 @@ def test_cross_kv_cache_reused_and_text_padding_attended():
 
 def test_activation_memory_720p_under_4gib():
     cfg = dit_config("wan2.1-t2v-14b")
-    opts = dit.DiTOptions(chunk_tokens=dit.chunk_tokens_for(cfg))
-    mem = dit.activation_memory(cfg, (21, 90, 160), opts=opts)
+    opts = dit.DiTOptions.for_budget(cfg)
+    assert opts.chunk_tokens == dit.chunk_tokens_for(cfg) and opts.chunk_tokens % 256 == 0
+    assert dit.latent_shape(720, 1280, 81) == (21, 90, 160)
+    mem = dit.activation_memory(cfg, dit.latent_shape(720, 1280, 81), opts=opts)
     assert mem["tokens"] == 75600
     assert mem["peak"] <= 4 * 2**30
-    assert dit.activation_memory(cfg, (21, 60, 104), opts=opts)["tokens"] == 32760
+    assert dit.activation_memory(cfg, dit.latent_shape(480, 832, 81), opts=opts)["tokens"] == 32760
 
 
 @pytest.mark.parametrize("residual", [None, torch.bfloat16])

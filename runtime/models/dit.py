@@ -44,6 +44,12 @@ class DiTOptions:
     def hi(self) -> torch.dtype:
         return torch.promote_types(self.dtype, torch.float32)
 
+    @classmethod
+    def for_budget(cls, cfg: DiTConfig, budget_bytes: int = DEFAULT_CHUNK_BUDGET, dtype: torch.dtype = torch.bfloat16,
+                   batch: int = 1) -> DiTOptions:  # fmt: skip
+        """Options whose per-chunk temporaries fit ``budget_bytes`` (see :func:`chunk_tokens_for`)."""
+        return cls(dtype=dtype, chunk_tokens=chunk_tokens_for(cfg, budget_bytes, dtype, batch))
+
 
 @dataclass
 class CrossKV:
@@ -324,6 +330,11 @@ def chunk_tokens_for(cfg: DiTConfig, budget_bytes: int = DEFAULT_CHUNK_BUDGET, d
     """Chunk length (a multiple of 256, at least 256) whose temporaries fit ``budget_bytes``."""
     tokens = budget_bytes // (token_bytes(cfg, dtype) * batch)
     return max(256, tokens // 256 * 256)
+
+
+def latent_shape(height: int, width: int, frames: int) -> tuple[int, int, int]:
+    """Latent (F, H, W) of a video: 4x temporal (first frame alone), 8x spatial VAE compression."""
+    return (frames - 1) // 4 + 1, height // 8, width // 8
 
 
 def activation_memory(cfg: DiTConfig, latent_shape: tuple[int, int, int], *, batch: int = 1,
