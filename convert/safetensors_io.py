@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from wanpack.manifests.format import ALIGNMENT, DTYPE_SIZES, TENSOR_ALIGNMENT
 
 from wanpack.errors import SourceError
+from wanpack.manifests.format import ALIGNMENT, DTYPE_SIZES, TENSOR_ALIGNMENT
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 PAD_PREFIX = "__wanpack_pad_"

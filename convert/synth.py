@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
 from wanpack.convert.safetensors_io import PlannedTensor, ShardWriter, plan_shard, st_dtype
+from wanpack.errors import UsageError
 from wanpack.manifests.arch import (
     CLIPConfig,
     DiTConfig,
@@ -25,8 +27,6 @@ from wanpack.manifests.arch import (
     dit_config,
     encoder_config,
 )
-
-from wanpack.errors import UsageError
 
 DIT_SINGLE = "diffusion_pytorch_model.safetensors"
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
