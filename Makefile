@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint unit wheel-check bench-convert clean
+.PHONY: install demo test lint unit wheel-check bench-convert clean bench-encoders
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/wanpack synth --arch wan2.1-t2v-1.3b --dim-scale tiny --layers 4 --component all --out $(DEMO_DIR)/source
-	$(BIN)/wanpack convert $(DEMO_DIR)/source --arch wan2.1-t2v-1.3b --quant int8 --save-by-block --out $(DEMO_DIR)/pack
+	$(BIN)/wanpack convert $(DEMO_DIR)/source -c all --quant int8 --save-by-block --out $(DEMO_DIR)/pack
 	$(BIN)/wanpack inspect $(DEMO_DIR)/pack
 
 lint: $(STAMP)
@@ -53,3 +53,6 @@ bench-convert: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist $(DEMO_DIR) .pytest_cache .ruff_cache
+
+bench-encoders: $(STAMP)
+	$(BIN)/python benchmarks/encoders_bench.py

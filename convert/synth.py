@@ -18,16 +18,19 @@ from pathlib import Path
 import torch
 
 from wanpack.convert.safetensors_io import PlannedTensor, ShardWriter, plan_shard, st_dtype
+from wanpack.convert.synth_tokenizer import synth_tokenizer
 from wanpack.errors import UsageError
 from wanpack.manifests.arch import (
     CLIPConfig,
     DiTConfig,
     TensorSpec,
     component_tensors,
+    config_to_dict,
     dit_config,
     encoder_config,
 )
 
+SYNTH_DECLARATION = "wanpack_synth.json"  # tells the converter the configs of this synthetic checkpoint
 DIT_SINGLE = "diffusion_pytorch_model.safetensors"
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 HUB_FILES = {
@@ -35,6 +38,7 @@ HUB_FILES = {
     "clip": "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
     "vae": "Wan2.1_VAE.pth",
 }
+TOKENIZER_DIR = "google/umt5-xxl"
 SOURCE_DTYPES = {"t5": torch.bfloat16, "clip": torch.float32, "vae": torch.float32}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -167,6 +171,13 @@ def synth_checkpoint(out: str | os.PathLike, arch: str, *, layers: int | None = 
     out = Path(out)
     cfg = dit_config(arch, layers=layers, dim_scale=dim_scale)
     written: dict[str, list[Path]] = {}
+    configs = {"dit": config_to_dict(cfg)}
+    for kind in ("t5", "clip", "vae"):
+        configs[kind] = config_to_dict(encoder_config(kind, dim_scale=dim_scale))
+    out.mkdir(parents=True, exist_ok=True)
+    declaration = {"arch": arch, "dim_scale": dim_scale, "seed": seed, "note": "random weights made by wanpack synth",
+                   "configs": configs}  # fmt: skip
+    (out / SYNTH_DECLARATION).write_text(json.dumps(declaration, indent=1) + "\n")
     if "dit" in components:
         written["dit"] = synth_dit(out, cfg, dtype=DTYPES[dtype], shards=shards, seed=seed)
     for kind in ("t5", "clip", "vae"):
@@ -174,4 +185,6 @@ def synth_checkpoint(out: str | os.PathLike, arch: str, *, layers: int | None = 
             continue
         enc = encoder_config(kind, dim_scale=dim_scale)
         written[kind] = [synth_pth(out / HUB_FILES[kind], enc, seed=seed)]
+        if kind == "t5":  # the hub ships the tokenizer next to the T5 weights
+            written["tokenizer"] = synth_tokenizer(out / TOKENIZER_DIR, vocab_size=enc.vocab, max_length=enc.text_len)
     return written

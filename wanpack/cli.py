@@ -1,6 +1,6 @@
 """The `wanpack` command: a thin Typer app; every command lives in its own module under wanpack.commands.
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 verification failed, 130 interrupted.
+Exit codes: 0 ok, 1 error (a failed `verify` included), 2 usage, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 
 from wanpack import __version__
-from wanpack.commands import convert, inspect, synth, verify
+from wanpack.commands import convert, download, inspect, synth, verify
 
 app = typer.Typer(
     name="wanpack",
@@ -32,7 +32,7 @@ def _root(
     """wanpack: Wan2.1 packs for small GPUs."""
 
 
-for _module in (synth, convert, inspect, verify):
+for _module in (synth, convert, inspect, verify, download):
     _module.register(app)
 
 
