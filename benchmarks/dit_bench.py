@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+
 from wanpack.convert.quantize import quantize_weight
 from wanpack.convert.synth import random_tensor
 from wanpack.manifests.arch import dit_config, dit_tensors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from wanpack.convert.quantize import quantize_weight
 from wanpack.convert.synth import random_tensor
 from wanpack.manifests.arch import DiTConfig, dit_config, dit_tensors

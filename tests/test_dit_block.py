@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from dit_helpers import make_weights, quantized, tiny_cfg
+
 from wanpack.manifests.arch import dit_config
 from wanpack.runtime.models import dit
 from wanpack.runtime.ops import linear as lin

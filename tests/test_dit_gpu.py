@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from wanpack.convert.quantize import quantize_weight
 from wanpack.convert.synth import random_tensor
 from wanpack.manifests.arch import dit_config, dit_tensors

@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 from dit_helpers import make_weights, tiny_cfg
+
 from wanpack.runtime.models import dit
 
 diffusers = pytest.importorskip("diffusers")

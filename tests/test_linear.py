@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from wanpack.convert.quantize import dequantize_weight, quantize_weight
+from wanpack.errors import UsageError, WanpackError
 from wanpack.runtime.ops import linear as lin
 from wanpack.runtime.ops.report import report_backends
-
-from wanpack.errors import UsageError, WanpackError
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from wanpack.runtime.ops import norms
 
 _SCRIPT = r"""

@@ -7,6 +7,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
+
 from wanpack.runtime.ops import triton_kernels as tk  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from wanpack.manifests.arch import DiTConfig
-from wanpack.runtime.models.rope import rope_tables
-from wanpack.runtime.ops.attention import attention
-from wanpack.runtime.ops.linear import linear
-from wanpack.runtime.ops.norms import layer_norm, rms_norm_rope
 
 from wanpack.errors import UsageError
+from wanpack.manifests.arch import DiTConfig
+from wanpack.runtime.models.rope import rope_tables
+from wanpack.runtime.models.weight_dict import apply_linear, block_view, need
+from wanpack.runtime.ops.attention import attention
+from wanpack.runtime.ops.norms import layer_norm, rms_norm_rope
 
 Weights = Mapping[str, torch.Tensor]
 DEFAULT_CHUNK_BUDGET = 768 * 2**20  # bytes of per-chunk temporaries; keeps 720p (75600 tokens) under 4 GiB
@@ -67,7 +67,7 @@ Modulation = tuple[torch.Tensor, ...]  # (shift, scale, gate) x (self-attn, ffn)
 
 
 def _lin(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
-    return linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"), w.get(f"{name}.weight_scale"))
+    return apply_linear(w, name, x, "dit", bias=True)  # every Wan DiT Linear has a bias
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -102,8 +102,7 @@ def _add_residual(xs: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None =
 
 def block_weights(weights: Weights, index: int) -> dict[str, torch.Tensor]:
     """The block-relative view of a full weight dict (``blocks.N.`` stripped), as the streamer hands blocks over."""
-    prefix = f"blocks.{index}."
-    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    return block_view(weights, f"blocks.{index}.")
 
 
 # ----------------------------------------------------------------------------------------------------- embeddings
@@ -192,7 +191,7 @@ def self_attn_phase(w: Weights, x: torch.Tensor, e0: torch.Tensor, rope: tuple[t
     Returns the block's 6 modulation chunks; the FFN phase takes the last three. K and V are built for the whole
     sequence first (they are all that every query needs), then the queries run chunk by chunk straight into x.
     """
-    mod = (w["modulation"].to(opts.hi) + e0.to(opts.hi)).chunk(6, dim=1)
+    mod = (need(w, "modulation", "dit block").to(opts.hi) + e0.to(opts.hi)).chunk(6, dim=1)
     shift, scale, gate = mod[0], mod[1], mod[2]
     b, n, d = x.shape
     heads, hd = cfg.num_heads, cfg.head_dim

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+
 from wanpack.runtime.ops.attention import attn_backend
 from wanpack.runtime.ops.linear import describe_gemm
 from wanpack.runtime.ops.norms import fused_norms
