@@ -1,23 +1,284 @@
 """Linear layers over the weights a pack stores: bf16/fp32, or int8/fp8 with a per-output-channel scale.
 
-This is the reference path (dequantize, then matmul in the activation's dtype); it runs everywhere and defines the
-numbers. Faster backends (int8 GEMM, fp8 scaled_mm) plug in behind the same signature.
+``linear(x, weight, bias, scale)`` is the only entry models use. Float weights take a plain matmul. Quantized weights
+go to a GEMM backend from a small registry, picked once per (weight dtype, device) and overridable by name:
+
+- ``dequant``   weight-only: W = q * scale in the activation dtype, then matmul. Runs everywhere and defines the
+                numbers (the CPU default and the fallback on GPUs without int8/fp8 tensor-core paths).
+- ``sgl``       sgl-kernel's int8_scaled_mm / fp8_scaled_mm (CUTLASS), when that optional package imports.
+- ``triton``    int8: our Triton GEMM with the scales, bias and cast fused into the epilogue (triton + CUDA).
+- ``int_mm``    int8: torch._int_mm (cuBLASLt, int32 out), then a dequant epilogue in torch.
+- ``scaled_mm`` fp8: torch._scaled_mm with row-wise scales (sm89+), scales and bias applied by the GEMM.
+
+All W8A8 backends quantize the activation per token, dynamically and symmetrically (scale = absmax(row) / qmax; a zero
+row gets scale 0 and yields bias only, never NaN), with the Triton kernel when it is present, else torch ops.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+
+from wanpack.errors import UsageError, WanpackError
+
+QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+QUANT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+FP8_FAST_ACCUM = True  # Hopper fp8 accumulation precision loss is far below the e4m3 rounding of the inputs
+_MIN_ROWS = {"int_mm": 17}  # cuBLASLt's int8 path needs M > 16
+
+
+@dataclass(frozen=True)
+class GemmBackend:
+    """One way to multiply activations by a quantized weight; ``unavailable`` says why not on a device, or None."""
+
+    name: str
+    dtypes: tuple[torch.dtype, ...]
+    unavailable: Callable[[torch.device], str | None]
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------- availability
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _needs_cuda(device: torch.device) -> str | None:
+    return None if device.type == "cuda" else "needs a CUDA device"
+
+
+def _sgl_unavailable(device: torch.device) -> str | None:
+    if _needs_cuda(device):
+        return _needs_cuda(device)
+    return None if _has_module("sgl_kernel") else "sgl_kernel is not installed (pip install sgl-kernel)"
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    if _needs_cuda(device):
+        return _needs_cuda(device)
+    return None if _has_module("triton") else "triton is not installed"
+
+
+def _scaled_mm_unavailable(device: torch.device) -> str | None:
+    if device.type == "cpu":
+        return None  # torch's CPU kernel exists; only chosen when forced (tests)
+    if device.type != "cuda":
+        return f"no fp8 GEMM on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    return None if (major, minor) >= (8, 9) else f"fp8 tensor cores need sm89+, this GPU is sm{major}{minor}"
+
+
+def _int_mm_unavailable(device: torch.device) -> str | None:
+    return None if device.type in ("cuda", "cpu") else f"torch._int_mm does not run on {device.type}"
+
+
+# ----------------------------------------------------------------------------------------------- activation quant
+
+
+def quantize_activation(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric quantization: x2d [M, K] -> (q [M, K] int8|fp8, scale [M, 1] float32)."""
+    scheme = "int8" if dtype == torch.int8 else "fp8"
+    if x2d.is_cuda and _has_module("triton") and _triton_quant_ok(x2d.device):
+        from wanpack.runtime.ops import triton_kernels
+
+        return triton_kernels.quantize_rows(x2d, scheme)
+    return quantize_activation_torch(x2d, dtype)
+
+
+def quantize_activation_torch(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference per-token quantizer (several passes; the Triton kernel does it in one)."""
+    qmax = QMAX[dtype]
+    amax = x2d.abs().amax(dim=-1, keepdim=True).to(torch.float32)
+    scale = amax / qmax
+    y = x2d.to(torch.float32) / torch.where(amax > 0, scale, torch.ones_like(scale))
+    if dtype == torch.int8:
+        # round half away from zero, as the Triton kernel does
+        q = (y + torch.where(y >= 0, 0.5, -0.5)).trunc_().to(torch.int8)
+    else:
+        q = y.clamp_(-qmax, qmax).to(dtype)
+    return q, scale
+
+
+_QUANT_CHECKED: dict[torch.device, bool] = {}
+
+
+def _triton_quant_ok(device: torch.device) -> bool:
+    """Check the Triton quantizer once per device against the torch one; a mismatch (or crash) keeps torch ops."""
+    if device not in _QUANT_CHECKED:
+        ok = True
+        try:
+            from wanpack.runtime.ops import triton_kernels
+
+            gen = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(64, 320, device=device, generator=gen, dtype=torch.bfloat16)
+            x[5] = 0
+            for dtype, scheme in ((torch.int8, "int8"), (torch.float8_e4m3fn, "fp8")):
+                q, s = triton_kernels.quantize_rows(x, scheme)
+                rq, rs = quantize_activation_torch(x, dtype)
+                ok &= torch.equal(s, rs) and (q.float() - rq.float()).abs().max().item() <= (1.0 if dtype == torch.int8
+                                                                                                 else 0.0)  # fmt: skip
+        except Exception as exc:  # a compile failure on an unusual GPU must not stop generation
+            print(f"wanpack: triton quantizer failed its self-check ({exc!r}); using torch ops", file=sys.stderr)
+            ok = False
+        _QUANT_CHECKED[device] = ok
+    return _QUANT_CHECKED[device]
+
+
+# ----------------------------------------------------------------------------------------------- backends
+
+
+def _run_dequant(x2d, weight, scale, bias):
+    w = (weight.to(torch.float32) * scale.to(torch.float32)).to(x2d.dtype)
+    return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
+
+
+def _out_dtype(x2d: torch.Tensor) -> torch.dtype:
+    return x2d.dtype if x2d.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def _run_int_mm(x2d, weight, scale, bias):
+    if x2d.shape[0] < _MIN_ROWS["int_mm"]:
+        return _run_dequant(x2d, weight, scale, bias)
+    q, xs = quantize_activation(x2d, torch.int8)
+    acc = torch._int_mm(q, weight.t())
+    y = acc.to(torch.float32).mul_(xs).mul_(scale.reshape(1, -1).to(torch.float32))
+    if bias is not None:
+        y.add_(bias.to(torch.float32))
+    return y.to(x2d.dtype)
+
+
+def _run_triton_int8(x2d, weight, scale, bias):
+    from wanpack.runtime.ops import triton_kernels
+
+    q, xs = quantize_activation(x2d, torch.int8)
+    return triton_kernels.int8_gemm(q, xs, weight, scale, bias, x2d.dtype)
+
+
+def _run_scaled_mm(x2d, weight, scale, bias):
+    q, xs = quantize_activation(x2d, torch.float8_e4m3fn)
+    out_dtype = _out_dtype(x2d)
+    y = torch._scaled_mm(q, weight.t(), scale_a=xs, scale_b=scale.reshape(1, -1).to(torch.float32),
+                         bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
+                         use_fast_accum=FP8_FAST_ACCUM and x2d.is_cuda)  # fmt: skip
+    return y.to(x2d.dtype)
+
+
+def _run_sgl(x2d, weight, scale, bias):
+    import sgl_kernel
+
+    q, xs = quantize_activation(x2d, weight.dtype)
+    out_dtype = _out_dtype(x2d)
+    fn = sgl_kernel.int8_scaled_mm if weight.dtype == torch.int8 else sgl_kernel.fp8_scaled_mm
+    y = fn(q, weight.t(), xs, scale.reshape(-1).to(torch.float32), out_dtype,
+           None if bias is None else bias.to(out_dtype))  # fmt: skip
+    return y.to(x2d.dtype)
+
+
+_INT8, _FP8 = torch.int8, torch.float8_e4m3fn
+BACKENDS: dict[str, GemmBackend] = {
+    "sgl": GemmBackend("sgl", (_INT8, _FP8), _sgl_unavailable, _run_sgl),
+    "triton": GemmBackend("triton", (_INT8,), _triton_unavailable, _run_triton_int8),
+    "int_mm": GemmBackend("int_mm", (_INT8,), _int_mm_unavailable, _run_int_mm),
+    "scaled_mm": GemmBackend("scaled_mm", (_FP8,), _scaled_mm_unavailable, _run_scaled_mm),
+    "dequant": GemmBackend("dequant", (_INT8, _FP8), lambda device: None, _run_dequant),
+}
+# Automatic preference on CUDA, best first; CPU always takes the reference ``dequant`` unless forced.
+AUTO_ORDER = {_INT8: ("sgl", "triton", "int_mm", "dequant"), _FP8: ("sgl", "scaled_mm", "dequant")}
+GEMM_CHOICES = ("auto", *BACKENDS)
+
+_forced: str | None = None
+_chosen: dict[tuple[torch.dtype, torch.device], GemmBackend] = {}
+
+
+def set_gemm_backend(name: str | None) -> None:
+    """Force a backend by name for every quantized linear (None or 'auto' restores the automatic choice)."""
+    global _forced
+    if name is not None and name not in GEMM_CHOICES:
+        raise UsageError(f"unknown --gemm {name!r} - choose one of: {', '.join(GEMM_CHOICES)}")
+    _forced = None if name in (None, "auto") else name
+    _chosen.clear()
+
+
+def gemm_backend(dtype: torch.dtype, device: torch.device | str) -> GemmBackend:
+    """The backend quantized weights of ``dtype`` use on ``device`` (chosen once, then cached)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (dtype, device)
+    if key not in _chosen:
+        _chosen[key] = _choose(dtype, device)
+    return _chosen[key]
+
+
+def _choose(dtype: torch.dtype, device: torch.device) -> GemmBackend:
+    if _forced is not None:
+        backend = BACKENDS[_forced]
+        if dtype not in backend.dtypes:
+            kinds = ", ".join(n for n, b in BACKENDS.items() if dtype in b.dtypes)
+            raise UsageError(f"--gemm {_forced} does not handle {dtype} weights - choose one of: {kinds}")
+        why = backend.unavailable(device)
+        if why:
+            raise WanpackError(f"--gemm {_forced} is not available on {device}: {why} - install it or pass --gemm auto")
+        return backend
+    if device.type != "cuda":
+        return BACKENDS["dequant"]
+    for name in AUTO_ORDER[dtype]:
+        if BACKENDS[name].unavailable(device) is None and _self_check(BACKENDS[name], dtype, device):
+            return BACKENDS[name]
+    return BACKENDS["dequant"]
+
+
+def _self_check(backend: GemmBackend, dtype: torch.dtype, device: torch.device) -> bool:
+    """Run a backend once on a small problem against ``dequant``; a crash or a wrong answer skips it."""
+    if backend.name == "dequant":
+        return True
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(96, 256, device=device, generator=gen).to(torch.bfloat16)
+        w = torch.randn(128, 256, device=device, generator=gen)
+        scale = w.abs().amax(dim=1, keepdim=True) / QMAX[dtype]
+        q = (w / scale).round().to(dtype) if dtype == torch.int8 else (w / scale).to(dtype)
+        bias = torch.randn(128, device=device, generator=gen).to(torch.bfloat16)
+        got = backend.run(x, q, scale, bias).float()
+        ref = _run_dequant(x.float(), q, scale, bias.float())
+        err = ((got - ref).norm() / ref.norm()).item()
+        ok = err < (0.03 if dtype == torch.int8 else 0.1)
+        if not ok:
+            print(f"wanpack: gemm backend {backend.name} failed its self-check (rel err {err:.3g})", file=sys.stderr)
+        return ok
+    except Exception as exc:
+        print(f"wanpack: gemm backend {backend.name} failed its self-check ({exc!r})", file=sys.stderr)
+        return False
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """y = x @ W^T + b, where W = weight * scale when the weight is quantized.
 
-    Shapes: x [..., in], weight [out, in], scale [out, 1] float32 (quantized weights only), bias [out]. Returns [..., out]
-    in x's dtype.
+    Shapes: x [..., in], weight [out, in], scale [out, 1] float32 (quantized weights only), bias [out].
+    Returns [..., out] in x's dtype.
     """
-    if scale is not None:
-        w = (weight.to(torch.float32) * scale.to(torch.float32)).to(x.dtype)
-    else:
-        w = weight.to(x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if scale is None or weight.dtype not in QMAX:
+        w = weight.to(x.dtype) if scale is None else (weight.float() * scale.float()).to(x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    y = gemm_backend(weight.dtype, x.device).run(x2d, weight, scale, bias)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def describe_gemm(device: torch.device | str) -> dict[str, str]:
+    """Which backend each weight kind uses on ``device``: {'bf16': 'matmul', 'int8': ..., 'fp8': ...}.
+
+    A kind the forced backend cannot handle shows as '-' (using such weights raises the UsageError).
+    """
+    info = {"bf16": "matmul"}
+    for kind, dtype in QUANT_DTYPES.items():
+        forced_other = _forced is not None and dtype not in BACKENDS[_forced].dtypes
+        info[kind] = "-" if forced_other else gemm_backend(dtype, device).name
+    return info

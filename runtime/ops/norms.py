@@ -1,0 +1,115 @@
+"""The DiT's per-token normalizations, fused on CUDA when triton is present.
+
+- ``layer_norm``: LayerNorm without affine followed by the block modulation ``* (1 + scale) + shift``, or the affine
+  norm3; computed in fp32 from the fp32 residual, written in the compute dtype.
+- ``rms_norm_rope``: the Q/K RMS norm over the full width (across heads), its gain, then the interleaved-pair RoPE
+  rotation, written in the compute dtype.
+
+In eager torch each is a chain of fp32 temporaries (about 100 bytes of traffic per element for RMS + RoPE, ~11 ms
+per 14B block at 480p on an H100); the Triton kernels read the input once and write the output once. The torch
+versions define the numbers: the kernels must match them (checked once per device; on a mismatch torch is used).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import torch
+import torch.nn.functional as F
+
+_fused_ok: dict[torch.device, bool] = {}
+
+
+def fused_norms(device: torch.device | str) -> bool:
+    """Whether the Triton kernels serve fp32-hi norms on ``device`` (CUDA, triton importable, self-check passed)."""
+    device = torch.device(device)
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _fused_ok:
+        _fused_ok[device] = _self_check(device)
+    return _fused_ok[device]
+
+
+def _fused(x: torch.Tensor, hi: torch.dtype) -> bool:
+    return hi == torch.float32 and x.is_cuda and fused_norms(x.device)
+
+
+def layer_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype, hi: torch.dtype, *,
+               shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """x [B, L, C] -> LN(x) * (1 + scale) + shift (shift/scale [B|1, 1, C]) or LN(x) * weight + bias, in out_dtype."""
+    if _fused(x, hi):
+        from wanpack.runtime.ops import triton_kernels
+
+        return triton_kernels.layer_norm(x, eps, out_dtype, shift, scale, weight, bias)
+    return layer_norm_torch(x, eps, out_dtype, hi, shift=shift, scale=scale, weight=weight, bias=bias)
+
+
+def layer_norm_torch(x, eps, out_dtype, hi, *, shift=None, scale=None, weight=None, bias=None) -> torch.Tensor:
+    w = None if weight is None else weight.to(hi)
+    b = None if bias is None else bias.to(hi)
+    y = F.layer_norm(x.to(hi), x.shape[-1:], w, b, eps=eps)
+    if shift is not None:
+        y = torch.addcmul(shift.to(hi), y, 1 + scale.to(hi))
+    return y.to(out_dtype)
+
+
+def rms_norm_rope(y: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype, hi: torch.dtype,
+                  head_dim: int, cos: torch.Tensor | None = None,
+                  sin: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """y [B, L, C] -> y * rsqrt(mean(y^2) + eps) * weight, rotated by cos/sin [L, head_dim/2] when given; out_dtype."""
+    if _fused(y, hi):
+        from wanpack.runtime.ops import triton_kernels
+
+        return triton_kernels.rms_rope(y, weight, cos, sin, head_dim, eps, out_dtype)
+    return rms_norm_rope_torch(y, weight, eps, out_dtype, hi, head_dim, cos, sin)
+
+
+def rms_norm_rope_torch(y, weight, eps, out_dtype, hi, head_dim, cos=None, sin=None) -> torch.Tensor:
+    x = y.to(hi)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(hi)
+    if cos is not None:
+        x = apply_rope(x.unflatten(-1, (-1, head_dim)), cos.to(hi), sin.to(hi)).flatten(-2)
+    return x.to(out_dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs: x [B, L, H, D], cos/sin [L, D/2] -> new tensor [B, L, H, D] in cos's dtype."""
+    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
+
+
+def _self_check(device: torch.device) -> bool:
+    """Fused kernels against the torch versions on a small problem (batch 2, odd length, both variants)."""
+    try:
+        from wanpack.runtime.ops import triton_kernels
+
+        gen = torch.Generator(device=device).manual_seed(0)
+        f32 = torch.float32
+
+        def rnd(*shape):
+            return torch.randn(*shape, device=device, generator=gen)
+
+        x, shift, scale, w, b = rnd(2, 37, 320), rnd(2, 1, 320), rnd(1, 1, 320), rnd(320), rnd(320)
+        cos, sin = rnd(37, 16), rnd(37, 16)
+        pairs = [
+            (triton_kernels.layer_norm(x[:, 3:], 1e-6, f32, shift, scale),
+             layer_norm_torch(x[:, 3:], 1e-6, f32, f32, shift=shift, scale=scale)),
+            (triton_kernels.layer_norm(x, 1e-6, f32, weight=w, bias=b),
+             layer_norm_torch(x, 1e-6, f32, f32, weight=w, bias=b)),
+            (triton_kernels.rms_rope(x, w, cos, sin, 32, 1e-6, f32), rms_norm_rope_torch(x, w, 1e-6, f32, f32, 32,
+                                                                                         cos, sin)),
+            (triton_kernels.rms_rope(x, w, None, None, 32, 1e-6, f32), rms_norm_rope_torch(x, w, 1e-6, f32, f32, 32)),
+        ]  # fmt: skip
+        worst = max(((a - r).abs().max() / r.abs().max()).item() for a, r in pairs)
+        if worst > 1e-5:
+            print(f"wanpack: fused norm kernels failed their self-check (rel err {worst:.3g})", file=sys.stderr)
+        return worst <= 1e-5
+    except Exception as exc:
+        print(f"wanpack: fused norm kernels failed their self-check ({exc!r}); using torch ops", file=sys.stderr)
+        return False

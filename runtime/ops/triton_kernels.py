@@ -1,0 +1,227 @@
+"""Triton kernels for W8A8 linears: per-token activation quantization and an int8 GEMM with a fused epilogue.
+
+Imported lazily by :mod:`wanpack.runtime.ops.linear` only when triton is installed. Why our own GEMM: torch._int_mm
+writes an int32 [M, N] result that a second pass must read back to apply the scales and bias (for a 75600 x 5120
+output that is 3 GB of extra traffic per linear); here the scales, bias and the cast happen in registers.
+With TRITON_INTERPRET=1 both kernels run on CPU tensors, which is how CI checks them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Hopper-leaning tile shapes; autotuned once per (N, K, M bucket). BLOCK_K divides both 5120 and 13824.
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
+]
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """One program per row: absmax -> scale = absmax / QMAX -> q = x / scale (a zero row gets scale 0, q 0)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    # IEEE-rounded divisions (Triton's plain '/' may be approximate) so q and scale match torch bit for bit
+    scale = tl.div_rn(amax, QMAX)
+    y = tl.div_rn(x, tl.where(amax > 0, scale, 1.0))
+    if IS_INT8:
+        # round half away from zero, then truncate; |y| <= 127 so no clamp is needed
+        q = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
+    else:
+        q = tl.minimum(tl.maximum(y, -QMAX), QMAX).to(tl.float8e4nv)
+    tl.store(q_ptr + row * stride_q + offs, q, mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def quantize_rows(x2d: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric quantization of x2d [M, K] -> (q [M, K] int8|fp8, scale [M, 1] float32)."""
+    m, k = x2d.shape
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    dtype = torch.int8 if scheme == "int8" else torch.float8_e4m3fn
+    q = torch.empty((m, k), dtype=dtype, device=x2d.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
+    block = triton.next_power_of_2(k)
+    warps = 8 if block >= 4096 else 4
+    _quant_rows_kernel[(m,)](x2d, q, scale, k, x2d.stride(0), q.stride(0), QMAX=127.0 if scheme == "int8" else 448.0,
+                             IS_INT8=scheme == "int8", BLOCK=block, num_warps=warps)  # fmt: skip
+    return q, scale
+
+
+@triton.jit
+def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET,
+                      stride_am, stride_bn, stride_cm, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):  # fmt: skip
+    """C[M, N] = (A[M, K] int8 @ B[N, K]^T int8) * a_scale[M] * b_scale[N] + bias[N], int32 accumulation.
+
+    K is a compile-time constant: a DiT has two (dim and ffn_dim), and a fixed trip count lets the loop pipeline.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n  # grouped launch order keeps a band of A rows hot in L2
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_a = (offs_m % M).to(tl.int64)  # wrap instead of masking; the store is masked
+    rows_b = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + rows_b[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K contiguous
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k0
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    a_s = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
+    b_s = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
+    c = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
+    if HAS_BIAS:
+        c += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_tuned_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K"])(_int8_gemm_kernel)
+
+
+def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """a [M, K] int8, a_scale [M, 1], b [N, K] int8 (the weight as stored), b_scale [N, 1] -> [M, N] out_dtype."""
+    m, k = a.shape
+    n = b.shape[0]
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    if b.stride(1) != 1:
+        b = b.contiguous()
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    a_s = a_scale.reshape(-1).to(torch.float32)
+    b_s = b_scale.reshape(-1).to(torch.float32)
+    bias_arg = bias if bias is not None else a_s  # any pointer; unused when HAS_BIAS is False
+    m_bucket = min(triton.next_power_of_2(m), 8192)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    args = (a, b, c, a_s, b_s, bias_arg, m, n, k, m_bucket, a.stride(0), b.stride(0), c.stride(0))
+    if _INTERPRET:  # the interpreter cannot time configs: one small fixed tile keeps CPU tests quick
+        tile = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+        _int8_gemm_kernel[grid(tile)](*args, HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0, **tile)
+    else:
+        _tuned_gemm[grid](*args, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
+    return c
+
+
+@triton.jit
+def _rms_rope_kernel(y_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, L, stride_y, stride_o, stride_c, eps,
+                     HALF: tl.constexpr, HALF_HEAD: tl.constexpr, ROPE: tl.constexpr,
+                     BLOCK: tl.constexpr):  # fmt: skip
+    """One program per token row of 2*HALF channels: RMS over the whole row (all heads), gain, then rotate the
+    interleaved pairs (2j, 2j+1) by the row's angles (pair j uses column j % HALF_HEAD of the tables)."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    mask = j < HALF
+    base = y_ptr + row * stride_y + 2 * j
+    a = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(base + 1, mask=mask, other=0.0).to(tl.float32)
+    mean_sq = (tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / (2 * HALF)
+    r = 1.0 / tl.sqrt_rn(mean_sq + eps)
+    a = a * r * tl.load(w_ptr + 2 * j, mask=mask, other=0.0).to(tl.float32)
+    b = b * r * tl.load(w_ptr + 2 * j + 1, mask=mask, other=0.0).to(tl.float32)
+    if ROPE:
+        tab = (row % L) * stride_c + j % HALF_HEAD
+        c = tl.load(cos_ptr + tab, mask=mask, other=1.0)
+        s = tl.load(sin_ptr + tab, mask=mask, other=0.0)
+        a, b = a * c - b * s, a * s + b * c
+    out = out_ptr + row * stride_o + 2 * j
+    tl.store(out, a.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + 1, b.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_rope(y: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+             head_dim: int, eps: float, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """y [B, L, C] -> RMS-normed (over C), gained and (when cos is given) rotated [B, L, C] in out_dtype."""
+    b, n, c = y.shape
+    y2 = y.reshape(b * n, c)
+    if y2.stride(1) != 1:
+        y2 = y2.contiguous()
+    out = torch.empty((b * n, c), dtype=out_dtype, device=y.device)
+    rope = cos is not None
+    tab_c = cos if rope else weight  # unused pointers when ROPE is False
+    tab_s = sin if rope else weight
+    half = c // 2
+    _rms_rope_kernel[(b * n,)](y2, weight, tab_c, tab_s, out, n, y2.stride(0), out.stride(0),
+                               cos.stride(0) if rope else 0, eps, HALF=half, HALF_HEAD=head_dim // 2, ROPE=rope,
+                               BLOCK=triton.next_power_of_2(half), num_warps=4)  # fmt: skip
+    return out.view(b, n, c)
+
+
+@triton.jit
+def _mod_ln_kernel(x_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr, L, stride_xb, stride_xl, stride_mb,
+                   stride_o, eps, C: tl.constexpr, MODULATE: tl.constexpr, AFFINE: tl.constexpr,
+                   BLOCK: tl.constexpr):  # fmt: skip
+    """One program per token: LayerNorm over C in fp32, then * (1 + scale) + shift (per batch) or the affine."""
+    row = tl.program_id(0).to(tl.int64)
+    bi = row // L
+    offs = tl.arange(0, BLOCK)
+    mask = offs < C
+    x = tl.load(x_ptr + bi * stride_xb + (row % L) * stride_xl + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / C
+    d = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(d * d, axis=0) / C
+    y = d / tl.sqrt_rn(var + eps)
+    if MODULATE:
+        sc = tl.load(scale_ptr + bi * stride_mb + offs, mask=mask, other=0.0)
+        sh = tl.load(shift_ptr + bi * stride_mb + offs, mask=mask, other=0.0)
+        y = y * (1.0 + sc) + sh
+    if AFFINE:
+        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = y + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def layer_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype, shift: torch.Tensor | None = None,
+               scale: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """x [B, L, C] (any batch/token strides, unit channel stride) -> LN(x) modulated or affine, [B, L, C] out_dtype.
+
+    shift/scale are fp32 [B or 1, 1, C]; weight/bias [C].
+    """
+    b, n, c = x.shape
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    out = torch.empty((b * n, c), dtype=out_dtype, device=x.device)
+    modulate = shift is not None
+    if modulate:
+        shift = shift.float().expand(b, 1, c).contiguous()
+        scale = scale.float().expand(b, 1, c).contiguous()
+    dummy = out
+    _mod_ln_kernel[(b * n,)](x, shift if modulate else dummy, scale if modulate else dummy,
+                             weight if weight is not None else dummy, bias if bias is not None else dummy, out, n,
+                             x.stride(0), x.stride(1), c if modulate else 0, out.stride(0), eps, C=c,
+                             MODULATE=modulate, AFFINE=weight is not None, BLOCK=triton.next_power_of_2(c),
+                             num_warps=8 if c >= 4096 else 4)  # fmt: skip
+    return out.view(b, n, c)

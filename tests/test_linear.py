@@ -1,0 +1,171 @@
+"""Quantized linear backends against a dequantize-then-matmul reference, and the backend registry's behaviour."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wanpack.convert.quantize import dequantize_weight, quantize_weight
+from wanpack.errors import UsageError, WanpackError
+from wanpack.runtime.ops import linear as lin
+from wanpack.runtime.ops.report import report_backends
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend():
+    lin.set_gemm_backend(None)
+    yield
+    lin.set_gemm_backend(None)
+
+
+def hard_inputs(m=48, k=256, n=96, seed=0):
+    """Activations with outlier channels, an outlier token and all-zero rows; Gaussian weights with one hot row."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    x[:, 7] *= 60.0  # outlier channel
+    x[11] *= 200.0  # outlier token
+    x[3] = 0.0
+    x[m - 1] = 0.0
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    w[5, 9] = 4.0  # one large weight
+    w[17] = 0.0  # an all-zero weight row -> scale 0
+    bias = 0.1 * torch.randn(n, generator=gen)
+    return x, w, bias
+
+
+def exact_w8a8(qx, sx, qw, sw, bias):
+    """The value a W8A8 GEMM must produce from these quantized operands, in float64."""
+    return (qx.double() @ qw.double().t()) * sx.double() * sw.double().t() + bias.double()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_dequant_reference_equals_matmul_of_dequantized_weight(scheme):
+    x, w, bias = hard_inputs()
+    q, s = quantize_weight(w, scheme)
+    got = lin.linear(x, q, bias, s)
+    assert lin.gemm_backend(q.dtype, "cpu").name == "dequant"
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, dequantize_weight(q, s), bias), rtol=0, atol=0)
+
+
+def test_float_weights_take_plain_matmul():
+    x, w, bias = hard_inputs()
+    torch.testing.assert_close(lin.linear(x, w.bfloat16(), bias), torch.nn.functional.linear(x, w.bfloat16().float(),
+                                                                                              bias))  # fmt: skip
+
+
+def test_int_mm_backend_matches_exact_w8a8_with_outliers_and_zero_rows():
+    x, w, bias = hard_inputs()
+    qw, sw = quantize_weight(w, "int8")
+    lin.set_gemm_backend("int_mm")
+    got = lin.linear(x, qw, bias, sw)
+    qx, sx = lin.quantize_activation_torch(x, torch.int8)
+    ref = exact_w8a8(qx, sx, qw, sw, bias)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got[3], bias) and torch.equal(got[-1], bias)  # zero rows give the bias, no NaN
+    assert torch.equal(sx[3], torch.zeros(1)) and qx[3].abs().max() == 0
+    # int32 accumulation is exact; only the fp32 epilogue rounds
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def test_scaled_mm_backend_matches_exact_w8a8_with_outliers_and_zero_rows():
+    x, w, bias = hard_inputs()
+    qw, sw = quantize_weight(w, "fp8")
+    lin.set_gemm_backend("scaled_mm")
+    got = lin.linear(x, qw, bias, sw)
+    qx, sx = lin.quantize_activation_torch(x, torch.float8_e4m3fn)
+    ref = exact_w8a8(qx, sx, qw, sw, bias)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[3], bias.bfloat16().float())  # bias only, through the bf16 output
+    # the GEMM writes bf16 (row-wise scaling requires it): half a bf16 ulp, 2^-9 relative, plus fp32 accumulation
+    err = (got.double() - ref).abs() / ref.abs().clamp_min(1e-3 * ref.abs().max().item())
+    assert err.max().item() < 2**-8
+
+
+def _predicted_rms_error(x, w, qx, sx, qw, sw, scheme):
+    """RMS output error expected from independent rounding of both operands (variance step^2 / 12 per element)."""
+    if scheme == "int8":
+        vx, vw = (sx**2 / 12).expand_as(x), (sw**2 / 12).expand_as(w)
+    else:  # e4m3: step = 2^(e - 3) at binade e of the scaled value, 2^-9 for subnormals
+        def var(q, s):
+            mag = q.float().abs().clamp_min(2.0**-6)
+            return (2.0 ** (torch.floor(torch.log2(mag)) - 3) * s) ** 2 / 12
+
+        vx, vw = var(qx, sx), var(qw, sw)
+    var_y = vx @ (w**2).t() + (x**2) @ vw.t()
+    return var_y.mean().sqrt().item()
+
+
+@pytest.mark.parametrize("scheme,backend", [("int8", "int_mm"), ("fp8", "scaled_mm")])
+def test_w8a8_error_is_what_quantization_predicts(scheme, backend):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 512, generator=gen)
+    w = torch.randn(384, 512, generator=gen) / 512**0.5
+    qw, sw = quantize_weight(w, scheme)
+    qx, sx = lin.quantize_activation_torch(x, qw.dtype)
+    lin.set_gemm_backend(backend)
+    err = (lin.linear(x, qw, None, sw) - x @ w.t()).pow(2).mean().sqrt().item()
+    predicted = _predicted_rms_error(x, w, qx, sx, qw, sw, scheme)
+    print(f"{scheme}: rms error {err:.4g}, predicted {predicted:.4g}")
+    assert 0.7 * predicted < err < 1.3 * predicted  # bf16 output rounding adds a little for fp8
+
+
+def test_registry_errors_and_choice():
+    with pytest.raises(UsageError, match="unknown --gemm"):
+        lin.set_gemm_backend("cublas9000")
+    lin.set_gemm_backend("sgl")
+    with pytest.raises(WanpackError, match="not available on cpu"):
+        lin.gemm_backend(torch.int8, "cpu")
+    lin.set_gemm_backend("triton")
+    with pytest.raises(UsageError, match="does not handle"):
+        lin.gemm_backend(torch.float8_e4m3fn, "cpu")
+    lin.set_gemm_backend("auto")
+    assert lin.describe_gemm("cpu") == {"bf16": "matmul", "int8": "dequant", "fp8": "dequant"}
+
+
+def test_backend_report_is_logged_once():
+    lines = []
+    report_backends("cpu", log=lines.append)
+    info = report_backends("cpu", log=lines.append)
+    assert info["attention"] == "sdpa" and info["norms"] == "torch"
+    assert len(lines) <= 1  # another test may have reported cpu already
+
+
+_TRITON_SCRIPT = r"""
+import torch
+from wanpack.runtime.ops import triton_kernels as tk
+from wanpack.runtime.ops.linear import quantize_activation_torch
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(70, 96, generator=gen); x[:, 5] *= 50; x[4] = 0
+q, s = tk.quantize_rows(x, "int8")
+rq, rs = quantize_activation_torch(x, torch.int8)
+assert torch.equal(s, rs), (s - rs).abs().max()
+assert torch.equal(q, rq)
+w = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=gen)
+ws = torch.rand(40, 1, generator=gen)
+b = torch.randn(40, generator=gen)
+for bias, k in ((b, 96), (None, 80)):
+    c = tk.int8_gemm(q[:, :k], s, w[:, :k].contiguous(), ws, bias, torch.float32)
+    ref = (q[:, :k].double() @ w[:, :k].double().t()) * s.double() * ws.double().t()
+    if bias is not None:
+        ref = ref + b.double()
+    assert torch.isfinite(c).all()
+    tol = 1e-6 * ref.abs().max().item()
+    assert torch.allclose(c.double(), ref, rtol=1e-6, atol=tol), (c.double() - ref).abs().max()
+    assert torch.equal(c[4], torch.zeros(40) if bias is None else b)
+print("ok")
+"""
+
+
+def test_triton_int8_kernels_in_interpreter():
+    """The Triton quantizer and GEMM (masked K tail too) on CPU through TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
