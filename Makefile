@@ -24,7 +24,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/wanpack synth --arch wan2.1-t2v-1.3b --dim-scale tiny --layers 4 --component all --out $(DEMO_DIR)/source
-	$(BIN)/wanpack convert $(DEMO_DIR)/source --arch wan2.1-t2v-1.3b --quant int8 --save-by-block --out $(DEMO_DIR)/pack
+	$(BIN)/wanpack convert $(DEMO_DIR)/source -c all --quant int8 --save-by-block --out $(DEMO_DIR)/pack
 	$(BIN)/wanpack inspect $(DEMO_DIR)/pack
 
 lint: $(STAMP)

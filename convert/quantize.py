@@ -14,7 +14,7 @@ from wanpack.errors import UsageError
 
 QMAX = {"int8": 127.0, "fp8": 448.0}
 WEIGHT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
-_ROWS_PER_CHUNK = 2048  # bounds the float32 temporaries to ~2048 x in_features
+_CHUNK_BYTES = 8 << 20  # float32 working set per chunk
 
 
 def check_scheme(scheme: str) -> str:
@@ -24,23 +24,32 @@ def check_scheme(scheme: str) -> str:
 
 
 def quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a 2-D [out, in] weight per output row; returns (q [out, in], scale float32 [out, 1])."""
+    """Quantize a 2-D [out, in] weight per output row; returns (q [out, in], scale float32 [out, 1]).
+
+    Works through row chunks of about _CHUNK_BYTES with one reused float32 buffer, so the several elementwise passes
+    run mostly in cache instead of streaming the whole matrix through memory once per pass.
+    """
     if weight.dim() != 2:
         raise ValueError(f"per-channel quantization needs a 2-D weight, got shape {tuple(weight.shape)}")
     qmax = QMAX[scheme]
-    out_rows = weight.shape[0]
+    out_rows, in_features = weight.shape
     q = torch.empty(weight.shape, dtype=WEIGHT_DTYPES[scheme])
     scale = torch.empty((out_rows, 1), dtype=torch.float32)
-    for start in range(0, out_rows, _ROWS_PER_CHUNK):
-        rows = weight[start : start + _ROWS_PER_CHUNK].to(torch.float32, copy=True)  # never modify the input
-        absmax = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True)
-        s = absmax / qmax
-        scale[start : start + rows.shape[0]] = s
-        scaled = rows.div_(torch.where(s > 0, s, torch.ones_like(s)))
+    step = max(1, _CHUNK_BYTES // max(1, 4 * in_features))
+    buf = torch.empty((min(step, out_rows), in_features), dtype=torch.float32)
+    for start in range(0, out_rows, step):
+        rows = weight[start : start + step]
+        n = rows.shape[0]
+        work = buf[:n]
+        work.copy_(rows)  # float32 copy: the input is never modified
+        low, high = torch.aminmax(work, dim=1, keepdim=True)
+        s = torch.maximum(high, -low).div_(qmax)
+        scale[start : start + n] = s
+        work.div_(torch.where(s > 0, s, torch.ones_like(s)))
         if scheme == "int8":
-            q[start : start + rows.shape[0]] = scaled.round_().clamp_(-128.0, 127.0).to(torch.int8)
+            q[start : start + n] = work.round_().clamp_(-128.0, 127.0)
         else:
-            q[start : start + rows.shape[0]] = scaled.clamp_(-qmax, qmax).to(torch.float8_e4m3fn)
+            q[start : start + n] = work.clamp_(-qmax, qmax)
     return q, scale
 
 

@@ -212,14 +212,19 @@ def plan_shard(entries: list[PlannedTensor], metadata: dict[str, str] | None = N
 
 
 class ShardWriter:
-    """Writes a planned shard tensor by tensor, hashing as it goes. Use as a context manager; fsyncs on close."""
+    """Writes a planned shard tensor by tensor, hashing as it goes. Use as a context manager.
+
+    Bytes go to a temporary sibling that replaces ``path`` only on a successful close(), so an interrupted write never
+    leaves a half file under the real name (and a file being read through mmap is never truncated under its reader).
+    """
 
     def __init__(self, path: str | os.PathLike, layout: ShardLayout):
         self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.layout = layout
         self._order = iter(layout.tensors)
         self._sha = hashlib.sha256()
-        self._f = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()
         self._put(layout.header)
         self._written = len(layout.header)
 
@@ -235,7 +240,7 @@ class ShardWriter:
                 continue
             if planned.name != name:
                 raise RuntimeError(f"shard writer expected {planned.name}, got {name}")
-            data = tensor.detach().contiguous().view(torch.uint8).reshape(-1)
+            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
             if data.numel() != planned.length or st_dtype(tensor.dtype) != planned.dtype:
                 raise RuntimeError(f"{name}: planned {planned.dtype}{list(planned.shape)}, got {tensor.dtype}"
                                    f"{list(tensor.shape)}")  # fmt: skip
@@ -252,10 +257,12 @@ class ShardWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        os.replace(self._tmp, self.path)
         return self._sha.hexdigest()
 
     def abort(self) -> None:
         self._f.close()
+        self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -24,10 +24,12 @@ from wanpack.manifests.arch import (
     DiTConfig,
     TensorSpec,
     component_tensors,
+    config_to_dict,
     dit_config,
     encoder_config,
 )
 
+SYNTH_DECLARATION = "wanpack_synth.json"  # tells the converter the configs of this synthetic checkpoint
 DIT_SINGLE = "diffusion_pytorch_model.safetensors"
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 HUB_FILES = {
@@ -167,6 +169,13 @@ def synth_checkpoint(out: str | os.PathLike, arch: str, *, layers: int | None = 
     out = Path(out)
     cfg = dit_config(arch, layers=layers, dim_scale=dim_scale)
     written: dict[str, list[Path]] = {}
+    configs = {"dit": config_to_dict(cfg)}
+    for kind in ("t5", "clip", "vae"):
+        configs[kind] = config_to_dict(encoder_config(kind, dim_scale=dim_scale))
+    out.mkdir(parents=True, exist_ok=True)
+    declaration = {"arch": arch, "dim_scale": dim_scale, "seed": seed, "note": "random weights made by wanpack synth",
+                   "configs": configs}  # fmt: skip
+    (out / SYNTH_DECLARATION).write_text(json.dumps(declaration, indent=1) + "\n")
     if "dit" in components:
         written["dit"] = synth_dit(out, cfg, dtype=DTYPES[dtype], shards=shards, seed=seed)
     for kind in ("t5", "clip", "vae"):

@@ -181,7 +181,7 @@ def _validate_component(comp: ComponentEntry, where: str) -> None:
             _check(t.dtype in DTYPE_SIZES, w, f"tensor {t.name} has unknown dtype {t.dtype!r}")
             _check(all(isinstance(d, int) and d >= 0 for d in t.shape), w, f"tensor {t.name} has a bad shape")
             _check(t.length == _numel(t.shape) * DTYPE_SIZES[t.dtype], w, f"tensor {t.name} length != dtype x shape")
-            _check(0 <= t.offset and t.offset + t.length <= shard.size, w, f"tensor {t.name} lies outside the file")
+            _check(t.offset >= 0 and t.offset + t.length <= shard.size, w, f"tensor {t.name} lies outside the file")
             _check(t.offset % TENSOR_ALIGNMENT == 0, w, f"tensor {t.name} is not {TENSOR_ALIGNMENT}-byte aligned")
     names = [t.name for s in comp.shards for t in s.tensors]
     _check(len(names) == len(set(names)), where, "a tensor name appears twice")

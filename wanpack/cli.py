@@ -1,6 +1,6 @@
 """The `wanpack` command: a thin Typer app; every command lives in its own module under wanpack.commands.
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 verification failed, 130 interrupted.
+Exit codes: 0 ok, 1 error (a failed `verify` included), 2 usage, 130 interrupted.
 """
 
 from __future__ import annotations

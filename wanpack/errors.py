@@ -21,9 +21,7 @@ class UsageError(WanpackError):
 
 
 class VerificationError(WanpackError):
-    """Bytes on disk do not match what the manifest promises."""
-
-    exit_code = 3
+    """Bytes on disk do not match what the manifest promises (exit 1, as scripts checking `wanpack verify` expect)."""
 
 
 class SourceError(WanpackError):

@@ -8,7 +8,8 @@ import sys
 
 from rich.console import Console
 
-out = Console(highlight=False, soft_wrap=True)  # results (tables, summaries, --json)
+_WIDTH = None if sys.stdout.isatty() else 160  # pipes and CI logs get full-width tables, not 80 columns
+out = Console(highlight=False, width=_WIDTH)  # results (tables, summaries)
 err = Console(stderr=True, highlight=False)  # progress, logs, warnings
 
 

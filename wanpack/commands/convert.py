@@ -1,7 +1,82 @@
-"""`wanpack convert` (being written)."""
+"""`wanpack convert`: turn a Wan2.1 checkpoint into a quantized, block-streamable pack."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from wanpack.commands._common import guarded
+from wanpack.output import err, human_bytes, out, print_json
+
+
+@guarded
+def convert(
+    source: str = typer.Argument(..., help="Checkpoint folder (hub layout or LightX2V blocks) or .safetensors file."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Pack folder to create."),
+    quant: str = typer.Option("int8", "--quant", "-q", help="int8, fp8 or none (bf16)."),
+    save_by_block: bool = typer.Option(False, "--save-by-block/--single-file",
+                                       help="One shard per DiT block (block_N.safetensors) or one model.safetensors."),
+    component: list[str] = typer.Option(["dit"], "--component", "-c", help="dit, t5, clip, vae or all (repeatable)."),
+    arch: str | None = typer.Option(None, "--arch", help="Architecture, when config.json does not settle it."),
+    lora: list[Path] = typer.Option([], "--lora", help="LoRA safetensors to merge into the DiT (repeatable)."),
+    lora_strength: list[float] = typer.Option([], "--lora-strength", help="Strength per --lora (default 1.0)."),
+    keep_fp32: bool = typer.Option(False, "--keep-fp32", help="Keep norms, modulation, embeddings and head in fp32."),
+    hash_source: bool = typer.Option(True, "--hash-source/--no-hash-source", help="Record the source files' sha256."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing pack at --out."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Convert a Wan2.1 checkpoint into a pack, streaming one tensor at a time.
+
+    Examples:
+      wanpack convert ./Wan2.1-T2V-14B --quant int8 --save-by-block --out ./t2v-14b-int8
+      wanpack convert ./Wan2.1-I2V-14B-480P -c all --quant fp8 --save-by-block --out ./i2v-480p-fp8
+      wanpack convert ./src --lora distill_lora.safetensors --lora-strength 1.0 --out ./distilled
+    """
+    from wanpack.convert.converter import ConvertOptions, convert_checkpoint
+    from wanpack.errors import UsageError
+
+    if len(lora_strength) > len(lora):
+        raise UsageError("more --lora-strength values than --lora files")
+    strengths = list(lora_strength) + [1.0] * (len(lora) - len(lora_strength))
+    components = tuple(component)
+    source_path = _resolve_source(source)
+    opts = ConvertOptions(quant=quant, save_by_block=save_by_block, components=components, arch=arch,
+                          loras=[(str(p), s) for p, s in zip(lora, strengths, strict=True)], keep_fp32=keep_fp32,
+                          hash_source=hash_source, force=force)  # fmt: skip
+    columns = (TextColumn("converting"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
+        task = bar.add_task("convert", total=None)
+        manifest, stats = convert_checkpoint(source_path, out_dir, opts,
+                                             progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+    summary = {
+        "pack": str(out_dir), "components": list(manifest.components), "quant": quant,
+        "layout": "by_block" if save_by_block else "single", "source_bytes": stats.source_bytes,
+        "pack_bytes": stats.pack_bytes, "seconds": round(stats.seconds, 3), "source_gbps": round(stats.gbps, 3),
+        "peak_rss_bytes": stats.peak_rss_bytes,
+    }  # fmt: skip
+    if json_out:
+        print_json(summary)
+        return
+    out.print(f"wrote {out_dir} ({', '.join(manifest.components)}, {quant}, {summary['layout']}): "
+              f"source {human_bytes(stats.source_bytes)} -> pack {human_bytes(stats.pack_bytes)} in "
+              f"{stats.seconds:.1f} s ({stats.gbps:.2f} GB/s), peak RSS {human_bytes(stats.peak_rss_bytes)}")  # fmt: skip
+
+
+def _resolve_source(source: str) -> Path:
+    """A folder or file path as given; a catalog name when the download module knows it."""
+    path = Path(source)
+    if path.exists():
+        return path
+    try:
+        from wanpack.convert.download import resolve_source
+    except ImportError:
+        from wanpack.errors import UsageError
+
+        raise UsageError(f"{source}: no such file or folder - pass a checkpoint folder") from None
+    return resolve_source(source)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("convert")(convert)

@@ -1,0 +1,228 @@
+"""Source checkpoints: where each tensor of a component comes from, read one tensor at a time.
+
+Three kinds of source are understood, told apart by the files they contain (never by folder names):
+- a hub folder: ``diffusion_pytorch_model.safetensors`` or its ``-0000i-of-0000K`` shards + index json, with
+  config.json, and the encoders as ``.pth`` state dicts beside it;
+- a LightX2V folder: ``block_N.safetensors`` + ``non_block.safetensors``, possibly already quantized
+  (``<key>_scale`` tensors next to int8/fp8 weights);
+- a single safetensors file (e.g. a distilled model), possibly with a ``model.diffusion_model.`` style key prefix.
+
+Safetensors sources are read with positioned reads in file order, so each file is read exactly once, front to back,
+and its sha256 is computed on the way at no extra I/O. ``.pth`` files are opened with
+``torch.load(mmap=True, weights_only=True)``: nothing but tensors is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from wanpack.convert.safetensors_io import ST_TO_TORCH, StHeader, StTensorInfo, read_tensor, st_dtype
+from wanpack.errors import SourceError
+
+DIT_SINGLE = "diffusion_pytorch_model.safetensors"
+DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_BLOCK_FILE = re.compile(r"^block_(\d+)\.safetensors$")
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """Metadata of one source tensor (no data)."""
+
+    name: str  # key after prefix stripping
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass
+class SafetensorsSource:
+    """A set of safetensors files that together hold one component's tensors."""
+
+    kind: str
+    root: Path
+    headers: list[StHeader]
+    prefix: str = ""
+    config: dict = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> dict[str, SourceTensor]:
+        out = {}
+        for h in self.headers:
+            for raw, info in h.tensors.items():
+                name = raw[len(self.prefix) :]
+                out[name] = SourceTensor(name, ST_TO_TORCH[info.dtype], info.shape, info.length)
+        return out
+
+    @property
+    def files(self) -> list[Path]:
+        return [h.path for h in self.headers]
+
+    def read_in_file_order(self, wanted: set[str], hashes: dict[str, str] | None,
+                           on_bytes: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+        """Yield (name, tensor) for wanted tensors, reading every file once front to back.
+
+        When ``hashes`` is a dict, every byte of every file is read (unwanted tensors too) and the file's sha256 is
+        stored under its name, so the manifest can describe the source exactly.
+        """
+        for h in self.headers:
+            sha = hashlib.sha256() if hashes is not None else None
+            fd = os.open(h.path, os.O_RDONLY)
+            try:
+                if sha is not None:
+                    sha.update(os.pread(fd, h.data_start, 0))
+                for raw, info in h.tensors.items():  # already in offset order
+                    name = raw[len(self.prefix) :]
+                    if name not in wanted and sha is None:
+                        continue
+                    tensor = read_tensor(fd, info, h.path)
+                    if sha is not None:
+                        sha.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                    on_bytes(info.length)
+                    _drop_cache(fd, info)
+                    if name in wanted:
+                        yield name, tensor
+                if sha is not None:
+                    end = max((t.offset + t.length for t in h.tensors.values()), default=h.data_start)
+                    if end < h.file_size:
+                        sha.update(os.pread(fd, h.file_size - end, end))
+                    hashes[h.path.name] = sha.hexdigest()
+            finally:
+                os.close(fd)
+
+
+def _drop_cache(fd: int, info: StTensorInfo) -> None:
+    """Tell the kernel we will not read these bytes again, so a 60 GB conversion does not flush the page cache."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, info.offset, info.length, os.POSIX_FADV_DONTNEED)
+
+
+def _common_prefix(headers: list[StHeader]) -> str:
+    names = [n for h in headers for n in h.tensors]
+    for prefix in KEY_PREFIXES:
+        if names and all(n.startswith(prefix) for n in names):
+            return prefix
+    return ""
+
+
+def open_safetensors_source(path: str | os.PathLike) -> SafetensorsSource:
+    """Open a hub folder, a LightX2V block folder, or a single .safetensors file as a DiT source."""
+    path = Path(path)
+    if path.is_file():
+        headers, kind, root = [StHeader.read(path)], "safetensors-file", path.parent
+    elif not path.is_dir():
+        raise SourceError(f"{path}: no such file or folder - pass a downloaded checkpoint folder or .safetensors file")
+    elif (path / DIT_INDEX).is_file():
+        headers, kind, root = _read_index(path), "hub", path
+    elif (path / DIT_SINGLE).is_file():
+        headers, kind, root = [StHeader.read(path / DIT_SINGLE)], "hub", path
+    elif (path / "non_block.safetensors").is_file():
+        blocks = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _BLOCK_FILE.match(p.name)))
+        files = [p for _, p in blocks] + [path / "non_block.safetensors"]
+        headers, kind, root = [StHeader.read(f) for f in files], "lightx2v", path
+    else:
+        raise SourceError(f"{path}: no DiT weights found (expected {DIT_SINGLE}, its shards + {DIT_INDEX}, or "
+                          "block_N.safetensors + non_block.safetensors) - point at the model folder")  # fmt: skip
+    config = {}
+    if (root / "config.json").is_file():
+        try:
+            config = json.loads((root / "config.json").read_text())
+        except json.JSONDecodeError:
+            raise SourceError(f"{root / 'config.json'}: not valid JSON - download it again") from None
+    seen: dict[str, Path] = {}
+    for h in headers:
+        for name in h.tensors:
+            if name in seen:
+                raise SourceError(f"{h.path}: tensor {name} also appears in {seen[name]} - the source is inconsistent")
+            seen[name] = h.path
+    return SafetensorsSource(kind, root, headers, _common_prefix(headers), config)
+
+
+def _read_index(root: Path) -> list[StHeader]:
+    try:
+        index = json.loads((root / DIT_INDEX).read_text())
+        weight_map: dict[str, str] = index["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise SourceError(f"{root / DIT_INDEX}: not a valid index (needs a weight_map) - download it again") from None
+    files = sorted(set(weight_map.values()))
+    for f in files:
+        if "/" in f or "\\" in f or f.startswith("."):
+            raise SourceError(f"{root / DIT_INDEX}: shard name {f!r} leaves the folder - the index is not trustworthy")
+        if not (root / f).is_file():
+            raise SourceError(f"{root / f}: shard listed in the index is missing - download it again")
+    headers = [StHeader.read(root / f) for f in files]
+    for h in headers:
+        for name in h.tensors:
+            if weight_map.get(name) != h.path.name:
+                raise SourceError(f"{h.path}: holds {name} but the index maps it to {weight_map.get(name)!r} - "
+                                  "the index and shards disagree; download again")  # fmt: skip
+    listed = {n for h in headers for n in h.tensors}
+    missing = sorted(set(weight_map) - listed)
+    if missing:
+        raise SourceError(f"{root / DIT_INDEX}: lists {missing[0]} (and {len(missing) - 1} more) that no shard holds")
+    return headers
+
+
+@dataclass
+class PthSource:
+    """A torch state-dict ``.pth`` (T5, CLIP, VAE), loaded lazily via mmap, tensors only."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    kind: str = "pth"
+
+    @property
+    def tensors(self) -> dict[str, SourceTensor]:
+        return {k: SourceTensor(k, v.dtype, tuple(v.shape), v.numel() * v.element_size()) for k, v in self.state.items()}
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def read_in_file_order(self, wanted: set[str], hashes: dict[str, str] | None,
+                           on_bytes: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+        if hashes is not None:
+            hashes[self.path.name] = sha256_file(self.path)
+        for name, tensor in self.state.items():
+            if name in wanted:
+                on_bytes(tensor.numel() * tensor.element_size())
+                yield name, tensor
+
+
+def open_pth_source(path: str | os.PathLike) -> PthSource:
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{path}: file not found - download the component or pass its path")
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        raise SourceError(f"{path}: holds objects that would need arbitrary unpickling ({first[:120]}) - refusing; "
+                          "export a plain state dict of tensors") from None  # fmt: skip
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise SourceError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0][:120]}) - "
+                          "download it again") from None  # fmt: skip
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SourceError(f"{path}: is not a state dict of tensors - export a plain state dict")
+    for v in state.values():
+        st_dtype(v.dtype)
+    return PthSource(path, state)
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()

@@ -1,0 +1,216 @@
+"""The convert/inspect/verify/synth commands through Typer's CliRunner: exit codes, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from wanpack.cli import app
+from wanpack.convert.synth import DIT_SINGLE, synth_checkpoint
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *fragments: str) -> None:
+    text = result.output
+    assert result.exit_code != 0
+    assert "Traceback" not in text
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error:"), text
+    for f in fragments:
+        assert f in " ".join(lines), (f, text)
+
+
+@pytest.fixture()
+def src(tmp_path) -> Path:
+    out = tmp_path / "src"
+    synth_checkpoint(out, "wan2.1-t2v-14b", layers=2, dim_scale="tiny", components=("dit", "t5", "vae"))
+    return out
+
+
+def test_help_lists_commands():
+    result = run("--help")
+    assert result.exit_code == 0
+    for cmd in ("convert", "synth", "inspect", "verify"):
+        assert cmd in result.output
+
+
+def test_convert_inspect_verify_happy_path(src, tmp_path):
+    pack = tmp_path / "pack"
+    result = run("convert", src, "--quant", "int8", "--save-by-block", "--out", pack, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["quant"] == "int8" and summary["layout"] == "by_block" and summary["pack_bytes"] > 0
+    result = run("inspect", pack, "--blocks")
+    assert result.exit_code == 0 and "block_1.safetensors" in result.output and "self_attn" in result.output
+    result = run("inspect", pack, "--json")
+    assert json.loads(result.stdout)["components"]["dit"]["quant"]["scheme"] == "int8"
+    result = run("verify", pack)
+    assert result.exit_code == 0 and "match the manifest" in result.output
+
+
+def test_verify_names_each_bad_file(src, tmp_path):
+    pack = tmp_path / "pack"
+    assert run("convert", src, "--save-by-block", "--out", pack).exit_code == 0
+    with open(pack / "dit" / "block_1.safetensors", "r+b") as f:
+        f.seek(-5000, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    (pack / "dit" / "non_block.safetensors").unlink()
+    result = run("verify", pack)
+    assert result.exit_code == 1
+    assert "dit/block_1.safetensors" in result.output and "sha256" in result.output
+    assert "dit/non_block.safetensors: missing" in result.output
+    assert "block_0" not in result.output
+
+
+def test_existing_output_needs_force_and_force_replaces(src, tmp_path):
+    pack = tmp_path / "pack"
+    assert run("convert", src, "--out", pack).exit_code == 0
+    first = json.loads((pack / "manifest.json").read_text())
+    one_line_error(run("convert", src, "--out", pack, "--quant", "fp8"), "already exists", "--force")
+    assert json.loads((pack / "manifest.json").read_text()) == first  # untouched
+    assert run("convert", src, "--out", pack, "--quant", "fp8", "--force").exit_code == 0
+    assert json.loads((pack / "manifest.json").read_text())["components"]["dit"]["quant"]["scheme"] == "fp8"
+    user_dir = tmp_path / "mine"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("precious")
+    one_line_error(run("convert", src, "--out", user_dir, "--force"), "not a wanpack pack")
+    assert (user_dir / "notes.txt").read_text() == "precious"
+    assert not [p for p in tmp_path.iterdir() if ".wanpack-tmp-" in p.name]
+
+
+def test_unknown_quant_and_component(src, tmp_path):
+    one_line_error(run("convert", src, "--quant", "int4", "--out", tmp_path / "p"), "int4")
+    one_line_error(run("convert", src, "-c", "unet", "--out", tmp_path / "p"), "unet")
+    assert not (tmp_path / "p").exists()
+
+
+def _rewrite_dit(src: Path, edit) -> None:
+    from safetensors import safe_open
+
+    from wanpack.convert.safetensors_io import write_safetensors
+
+    with safe_open(str(src / DIT_SINGLE), "pt") as g:
+        tensors = {k: g.get_tensor(k) for k in g.keys()}
+    edit(tensors)
+    write_safetensors(src / DIT_SINGLE, tensors)
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(src, tmp_path):
+    _rewrite_dit(src, lambda t: t.pop("blocks.1.cross_attn.k.weight"))
+    one_line_error(run("convert", src, "--out", tmp_path / "p"), "missing tensor blocks.1.cross_attn.k.weight")
+    _rewrite_dit(src, lambda t: t.update({"blocks.1.cross_attn.k.weight": torch.zeros(64, 64),
+                                          "blocks.0.extra.weight": torch.zeros(2)}))  # fmt: skip
+    one_line_error(run("convert", src, "--out", tmp_path / "p"), "unexpected tensor blocks.0.extra.weight")
+    _rewrite_dit(src, lambda t: (t.pop("blocks.0.extra.weight"), t.update({"head.head.weight": torch.zeros(3, 64)})))
+    one_line_error(run("convert", src, "--out", tmp_path / "p"), "head.head.weight", "[3, 64]")
+    assert not (tmp_path / "p").exists()
+
+
+def test_truncated_and_corrupt_safetensors(src, tmp_path):
+    path = src / DIT_SINGLE
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    one_line_error(run("convert", src, "--out", tmp_path / "p"), "truncated")
+    path.write_bytes(data[:8] + b"{not json" + data[17:])
+    one_line_error(run("convert", src, "--out", tmp_path / "p"), "not valid JSON")
+    path.write_bytes((10**12).to_bytes(8, "little") + data[8:])
+    one_line_error(run("convert", src, "--out", tmp_path / "p"), "impossible")
+    path.write_bytes(b"abc")
+    one_line_error(run("convert", src, "--out", tmp_path / "p"), "too short")
+    assert not (tmp_path / "p").exists()
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pth_needing_arbitrary_unpickling_is_refused(src, tmp_path):
+    torch.save({"blocks.0.norm1.weight": torch.ones(2), "evil": Evil()}, src / "models_t5_umt5-xxl-enc-bf16.pth")
+    result = run("convert", src, "-c", "t5", "--out", tmp_path / "p")
+    one_line_error(result, "unpickling", "refusing")
+    assert "pwned" not in result.output
+
+
+def test_no_space_is_checked_before_writing(src, tmp_path, monkeypatch):
+    import shutil as sh
+
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=1000))
+    one_line_error(run("convert", src, "--out", tmp_path / "p"), "needs", "free")
+    assert not (tmp_path / "p").exists()
+
+
+def test_disk_full_mid_write_leaves_nothing(src, tmp_path, monkeypatch):
+    import errno
+
+    calls = {"n": 0}
+    real = os.pwrite
+
+    def failing(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    one_line_error(run("convert", src, "--out", tmp_path / "p"), "disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_conversion_leaves_no_pack_and_rerun_succeeds(tmp_path, sig):
+    src = tmp_path / "src"
+    # full-width 1.3B blocks: large enough (~400 MB) that the conversion is still running when we interrupt it
+    synth_checkpoint(src, "wan2.1-t2v-1.3b", layers=2)
+    pack = tmp_path / "pack"
+    cmd = [sys.executable, "-m", "wanpack", "convert", str(src), "--save-by-block", "--out", str(pack)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        tmps = [p for p in tmp_path.iterdir() if ".wanpack-tmp-" in p.name]
+        if tmps and any((tmps[0] / "dit").glob("block_*.safetensors")):
+            break
+        time.sleep(0.005)
+    else:
+        pytest.fail("conversion never started writing")
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert not pack.exists()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and b"Traceback" not in stderr
+        assert not [p for p in tmp_path.iterdir() if ".wanpack-tmp-" in p.name]
+    rerun = subprocess.run(cmd, capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert (pack / "manifest.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".wanpack-tmp-" in p.name]  # stale temp folder cleaned
+    assert subprocess.run([sys.executable, "-m", "wanpack", "verify", str(pack)], capture_output=True).returncode == 0
+    shutil.rmtree(src)
+
+
+def test_synth_command(tmp_path):
+    result = run("synth", "--arch", "wan2.1-i2v-14b", "--dim-scale", "tiny", "--layers", "1", "-c", "all",
+                 "--shards", "2", "--out", tmp_path / "s")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in (tmp_path / "s").iterdir()}
+    assert {"config.json", "diffusion_pytorch_model.safetensors.index.json", "Wan2.1_VAE.pth",
+            "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "models_t5_umt5-xxl-enc-bf16.pth"} <= names  # fmt: skip
+    one_line_error(run("synth", "--arch", "wan3", "--out", tmp_path / "x"), "unknown architecture")
