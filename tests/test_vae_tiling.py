@@ -138,3 +138,15 @@ def test_bad_tiling_raises():
         Tiling((8, 8), (5, 2))
     with pytest.raises(UsageError, match="overlap"):
         Tiling((0, 8), (0, 0))
+
+
+def test_within_budget_dispatch(state, monkeypatch):
+    latents = _smooth(16, 2, 4, 4, seed=6)
+    torch.testing.assert_close(vae_tiling.decode_within(state, latents, CFG, 1e12), vae.decode(state, latents, CFG),
+                               atol=0, rtol=0)  # fmt: skip
+    video = _smooth(3, 5, 32, 32, seed=7)
+    torch.testing.assert_close(vae_tiling.encode_within(state, video, CFG, 1e12), vae.encode(state, video, CFG),
+                               atol=0, rtol=0)  # fmt: skip
+    monkeypatch.setattr(vae_tiling, "tiling_for_budget", lambda *a, **k: Tiling((3, 3), (1, 1)))
+    torch.testing.assert_close(vae_tiling.decode_within(state, latents, CFG, 1.0),
+                               decode_tiled(state, latents, CFG, Tiling((3, 3), (1, 1))), atol=0, rtol=0)  # fmt: skip

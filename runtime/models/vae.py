@@ -172,7 +172,8 @@ def _upsample(weights: Weights, p: str, x: torch.Tensor, cache: Cache, temporal:
     if temporal:
         name = p + ".time_conv"
         if name not in cache:
-            cache[name] = x[:, :, :0]  # seen: the next chunk convolves with zero history, as the reference does
+            b, c, _, h, w = x.shape  # seen: the next chunk convolves with zero history, as the reference does
+            cache[name] = x.new_zeros((b, c, 0, h, w))
         else:
             y = _causal_conv(weights, name, x, cache)
             b, c2, t, h, w = y.shape

@@ -18,7 +18,15 @@ import torch
 
 from wanpack.errors import UsageError
 from wanpack.manifests.arch import VAEConfig
-from wanpack.runtime.models.vae import SPACE_FACTOR, TIME_FACTOR, Weights, check_video_size, decode_frames, encode
+from wanpack.runtime.models.vae import (
+    SPACE_FACTOR,
+    TIME_FACTOR,
+    Weights,
+    check_video_size,
+    decode,
+    decode_frames,
+    encode,
+)
 
 DEFAULT_OVERLAP = 8  # latent pixels (64 image pixels) shared by neighbouring tiles
 MIN_TILE = 16  # latent pixels; smaller tiles lose too much context to look right
@@ -213,3 +221,26 @@ def _tile_for_count(size: int, count: int, overlap: int) -> int | None:
     if tile <= 2 * overlap or tile >= size:
         return None
     return tile
+
+
+def decode_within(weights: Weights, latents: torch.Tensor, cfg: VAEConfig, budget_bytes: float, *,
+                  dtype: torch.dtype = torch.float32, out_device: torch.device | str | None = None) -> torch.Tensor:  # fmt: skip
+    """Decode untiled when the whole frame fits ``budget_bytes`` of working memory, else with the tiles that fit."""
+    if latents.dim() == 4:
+        latents = latents.unsqueeze(0)
+    tiling = tiling_for_budget(cfg, latents.shape[3], latents.shape[4], budget_bytes, dtype=dtype)
+    if tiling is None:
+        return decode(weights, latents, cfg, dtype=dtype, out_device=out_device)
+    return decode_tiled(weights, latents, cfg, tiling, dtype=dtype, out_device=out_device)
+
+
+def encode_within(weights: Weights, video: torch.Tensor, cfg: VAEConfig, budget_bytes: float, *,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """Encode untiled when the whole frame fits ``budget_bytes``, else tiled (the decoder's estimate bounds it)."""
+    if video.dim() == 4:
+        video = video.unsqueeze(0)
+    s = SPACE_FACTOR
+    tiling = tiling_for_budget(cfg, video.shape[3] // s, video.shape[4] // s, budget_bytes, dtype=dtype)
+    if tiling is None:
+        return encode(weights, video, cfg, dtype=dtype)
+    return encode_tiled(weights, video, cfg, tiling, dtype=dtype)
