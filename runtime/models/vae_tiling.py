@@ -185,7 +185,8 @@ def encode_bytes_per_pixel(cfg: VAEConfig, dtype: torch.dtype = torch.float32) -
 
 def tiling_for_budget(cfg: VAEConfig, lat_h: int, lat_w: int, budget_bytes: float, *, dtype: torch.dtype = torch.float32,
                       overlap: int = DEFAULT_OVERLAP) -> Tiling | None:  # fmt: skip
-    """The fewest (then squarest) tiles whose estimated working memory fits ``budget_bytes``; None if one frame fits.
+    """Tiles whose estimated working memory fits ``budget_bytes`` with the least total area (overlaps are computed twice),
+    then the squarest; None if the whole frame fits.
 
     Raises UsageError when even MIN_TILE x MIN_TILE latent tiles would not fit.
     """
@@ -202,7 +203,7 @@ def tiling_for_budget(cfg: VAEConfig, lat_h: int, lat_w: int, budget_bytes: floa
             if tw is None:
                 break
             if th * tw * per_latent_px <= budget_bytes and min(th, tw) >= min(MIN_TILE, lat_h, lat_w):
-                key = (ny * nx, abs(math.log(th / tw)))
+                key = (ny * nx * th * tw, abs(math.log(th / tw)))  # least computed area (overlaps count twice)
                 if best is None or key < best[0]:
                     best = (key, Tiling((th, tw), (min(overlap, th // 2), min(overlap, tw // 2))))
                 break
