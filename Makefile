@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint unit wheel-check bench-convert clean
+.PHONY: install demo test lint unit wheel-check bench-convert clean bench-encoders
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,3 +53,6 @@ bench-convert: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist $(DEMO_DIR) .pytest_cache .ruff_cache
+
+bench-encoders: $(STAMP)
+	$(BIN)/python benchmarks/encoders_bench.py

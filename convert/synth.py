@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from wanpack.convert.safetensors_io import PlannedTensor, ShardWriter, plan_shard, st_dtype
+from wanpack.convert.synth_tokenizer import synth_tokenizer
 from wanpack.errors import UsageError
 from wanpack.manifests.arch import (
     CLIPConfig,
@@ -37,6 +38,7 @@ HUB_FILES = {
     "clip": "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
     "vae": "Wan2.1_VAE.pth",
 }
+TOKENIZER_DIR = "google/umt5-xxl"
 SOURCE_DTYPES = {"t5": torch.bfloat16, "clip": torch.float32, "vae": torch.float32}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -183,4 +185,6 @@ def synth_checkpoint(out: str | os.PathLike, arch: str, *, layers: int | None = 
             continue
         enc = encoder_config(kind, dim_scale=dim_scale)
         written[kind] = [synth_pth(out / HUB_FILES[kind], enc, seed=seed)]
+        if kind == "t5":  # the hub ships the tokenizer next to the T5 weights
+            written["tokenizer"] = synth_tokenizer(out / TOKENIZER_DIR, vocab_size=enc.vocab, max_length=enc.text_len)
     return written

@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 
 from wanpack import __version__
-from wanpack.commands import convert, inspect, synth, verify
+from wanpack.commands import convert, download, inspect, synth, verify
 
 app = typer.Typer(
     name="wanpack",
@@ -32,7 +32,7 @@ def _root(
     """wanpack: Wan2.1 packs for small GPUs."""
 
 
-for _module in (synth, convert, inspect, verify):
+for _module in (synth, convert, inspect, verify, download):
     _module.register(app)
 
 

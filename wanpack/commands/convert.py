@@ -41,8 +41,8 @@ def convert(
         raise UsageError("more --lora-strength values than --lora files")
     strengths = list(lora_strength) + [1.0] * (len(lora) - len(lora_strength))
     components = tuple(component)
-    source_path = _resolve_source(source)
-    opts = ConvertOptions(quant=quant, save_by_block=save_by_block, components=components, arch=arch,
+    source_path, catalog_arch = _resolve_source(source)
+    opts = ConvertOptions(quant=quant, save_by_block=save_by_block, components=components, arch=arch or catalog_arch,
                           loras=[(str(p), s) for p, s in zip(lora, strengths, strict=True)], keep_fp32=keep_fp32,
                           hash_source=hash_source, force=force)  # fmt: skip
     columns = (TextColumn("converting"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
@@ -64,18 +64,16 @@ def convert(
               f"{stats.seconds:.1f} s ({stats.gbps:.2f} GB/s), peak RSS {human_bytes(stats.peak_rss_bytes)}")  # fmt: skip
 
 
-def _resolve_source(source: str) -> Path:
-    """A folder or file path as given; a catalog name when the download module knows it."""
+def _resolve_source(source: str) -> tuple[Path, str | None]:
+    """A folder or file path as given; or a downloaded catalog entry, whose architecture the catalog states."""
     path = Path(source)
     if path.exists():
-        return path
-    try:
-        from wanpack.convert.download import resolve_source
-    except ImportError:
-        from wanpack.errors import UsageError
+        return path, None
+    from wanpack.convert.download import resolve_source
+    from wanpack.manifests.catalog import find_entry
 
-        raise UsageError(f"{source}: no such file or folder - pass a checkpoint folder") from None
-    return resolve_source(source)
+    entry = find_entry(source)
+    return resolve_source(source), entry.arch if entry else None
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,41 @@
+"""Reading named tensors out of a weight dict: the one place that knows the quantized-weight naming.
+
+Models receive plain ``Mapping[str, Tensor]``s (views cut from a streamed buffer, or a resident state dict). A
+quantized Linear keeps its name ``X.weight`` (int8 / fp8) and carries ``X.weight_scale`` (float32 [out, 1]); a missing
+tensor means the pack and the model disagree, which the user fixes by re-converting, so it is a PackFormatError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from wanpack.errors import PackFormatError
+from wanpack.runtime.ops.linear import linear
+
+QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
+def need(weights: Mapping[str, torch.Tensor], key: str, part: str) -> torch.Tensor:
+    """``weights[key]``, or a one-line error naming the part of the model that wanted it."""
+    try:
+        return weights[key]
+    except KeyError:
+        raise PackFormatError(f"{part}: weight {key!r} is missing - re-convert the pack with this component") from None
+
+
+def block_view(weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` (e.g. ``blocks.3.``) with the prefix removed: what a block callable receives."""
+    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def apply_linear(weights: Mapping[str, torch.Tensor], name: str, x: torch.Tensor, part: str,
+                 bias: bool = False) -> torch.Tensor:  # fmt: skip
+    """Linear ``name`` applied to x [..., in] -> [..., out], dequantizing through the runtime's linear op."""
+    weight = need(weights, f"{name}.weight", part)
+    scale = weights.get(f"{name}.weight_scale")
+    if scale is None and weight.dtype in QUANT_DTYPES:
+        raise PackFormatError(f"{part}: {name}.weight is {weight.dtype} but has no weight_scale - re-convert the pack")
+    b = need(weights, f"{name}.bias", part) if bias else None
+    return linear(x, weight, b, scale)
