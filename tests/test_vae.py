@@ -168,3 +168,9 @@ def test_full_size_layout_params():
     params = sum(torch.Size(s.shape).numel() for s in specs)
     assert round(params / 1e6, 1) == 126.9
     assert random_tensor(specs[0], 0, torch.float32).shape == specs[0].shape
+
+
+def test_missing_weight_during_decode_is_a_pack_error(state):
+    partial = {k: v for k, v in state.items() if k != "decoder.middle.1.proj.bias"}
+    with pytest.raises(PackFormatError, match="decoder.middle.1.proj.bias"):
+        vae.decode(partial, torch.zeros(1, 16, 1, 2, 2), CFG)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from wanpack.errors import SourceError, UsageError
+from wanpack.runtime.models.weight_dict import need
 
 Weights = Mapping[str, torch.Tensor]
 
@@ -107,7 +108,7 @@ def check_tiny_vae(weights: dict[str, torch.Tensor], where: str = "tiny VAE") ->
 
 
 def _conv(weights: Weights, name: str, x: torch.Tensor, pad: int = 1) -> torch.Tensor:
-    w = weights[name + ".weight"].to(x.dtype)
+    w = need(weights, name + ".weight", "tiny VAE").to(x.dtype)
     b = weights.get(name + ".bias")
     return F.conv2d(x, w, None if b is None else b.to(x.dtype), padding=pad)
 
@@ -135,7 +136,7 @@ def _chunk(weights: Weights, z: torch.Tensor, memory: dict[str, torch.Tensor]) -
             x = _memory_block(weights, f"decoder.{idx}", x, memory)
         k, c, h, w = x.shape[1:]
         x = F.interpolate(x.reshape(b * k, c, h, w), scale_factor=2.0, mode="nearest")
-        x = F.conv2d(x, weights[f"decoder.{grow}.conv.weight"].to(x.dtype))  # [b*k, stride*c, 2h, 2w]
+        x = F.conv2d(x, need(weights, f"decoder.{grow}.conv.weight", "tiny VAE").to(x.dtype))  # [b*k, s*c, 2h, 2w]
         x = x.reshape(b * k * stride, c, 2 * h, 2 * w)  # each frame's channel groups become consecutive frames
         x = _conv(weights, f"decoder.{conv}", x)
         x = x.view(b, k * stride, *x.shape[1:])

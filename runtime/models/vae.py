@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from wanpack.errors import PackFormatError, UsageError
 from wanpack.manifests.arch import VAEConfig, vae_tensors
+from wanpack.runtime.models.weight_dict import need
 
 Weights = Mapping[str, torch.Tensor]
 Cache = dict[str, torch.Tensor]
@@ -70,13 +71,13 @@ def check_weights(weights: Weights, cfg: VAEConfig, *, part: str = "") -> None:
 
 
 def _w(weights: Weights, name: str, dtype: torch.dtype) -> torch.Tensor:
-    t = weights[name]
+    t = need(weights, name, "VAE")
     return t if t.dtype == dtype else t.to(dtype)
 
 
 def _rms_norm(weights: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
     """x / ||x||_channels * sqrt(C) * gamma, normalized in float32. x [B, C, T, H, W]."""
-    gamma = weights[name + ".gamma"].to(torch.float32).reshape(-1, 1, 1, 1)
+    gamma = _w(weights, name + ".gamma", torch.float32).reshape(-1, 1, 1, 1)
     y = F.normalize(x.float(), dim=1).mul_(math.sqrt(x.shape[1])).mul_(gamma)
     return y.to(x.dtype)
 
@@ -269,8 +270,8 @@ def encode(weights: Weights, video: torch.Tensor, cfg: VAEConfig, *, dtype: torc
     del cache
     feats = torch.cat(outs, dim=2).float()
     z = cfg.z_dim  # only the mean half of conv1's output is used
-    w = weights["conv1.weight"][:z].float()
-    b = weights["conv1.bias"][:z].float()
+    w = _w(weights, "conv1.weight", torch.float32)[:z]
+    b = _w(weights, "conv1.bias", torch.float32)[:z]
     mu = F.conv3d(feats, w, b)
     mean, std = _latent_stats(cfg, mu.device)
     return mu.sub_(mean).div_(std)
@@ -288,7 +289,7 @@ def decode_frames(weights: Weights, latents: torch.Tensor, cfg: VAEConfig, *,
         raise UsageError(f"latents have {latents.shape[1]} channels, the VAE expects {cfg.z_dim}")
     mean, std = _latent_stats(cfg, latents.device)
     z = latents.float() * std + mean
-    x = F.conv3d(z, weights["conv2.weight"].float(), weights["conv2.bias"].float()).to(dtype)
+    x = F.conv3d(z, _w(weights, "conv2.weight", torch.float32), _w(weights, "conv2.bias", torch.float32)).to(dtype)
     del z
     cache: Cache = {}
     for t in range(x.shape[2]):
