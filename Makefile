@@ -22,10 +22,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	rm -rf $(DEMO_DIR)
-	$(BIN)/wanpack synth --arch wan2.1-t2v-1.3b --dim-scale tiny --layers 4 --component all --out $(DEMO_DIR)/source
-	$(BIN)/wanpack convert $(DEMO_DIR)/source -c all --quant int8 --save-by-block --out $(DEMO_DIR)/pack
-	$(BIN)/wanpack inspect $(DEMO_DIR)/pack
+	mkdir -p $(DEMO_DIR)
+	WANPACK_CACHE=$(DEMO_DIR)/cache $(BIN)/wanpack run --out $(DEMO_DIR)/demo.mp4
+	$(BIN)/wanpack inspect $(DEMO_DIR)/cache/demo-*/pack
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

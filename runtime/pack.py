@@ -85,9 +85,6 @@ class PackComponent:
         self.manifest = manifest or read_manifest(self.root)
         self.entry: ComponentEntry = self.manifest.component(component)
         self.name = component
-        if not self.entry.blocks:
-            raise PackFormatError(f"{self.root}: component {component} has no blocks to stream - "
-                                  "load it resident instead")  # fmt: skip
 
     def path(self, shard: str) -> Path:
         return self.root / shard
@@ -103,6 +100,9 @@ class PackComponent:
         """The forward's schedule: blocks (``model``/``block``) or phases (``phase``) in execution order."""
         if granularity not in GRANULARITIES:
             raise PackFormatError(f"unknown granularity {granularity!r} - choose one of {', '.join(GRANULARITIES)}")
+        if not self.entry.blocks:
+            raise PackFormatError(f"{self.root}: component {self.name} has no blocks to stream - "
+                                  "load it resident instead")  # fmt: skip
         by_block: dict[int, list[TensorEntry]] = {}
         for shard in self.entry.shards:
             for t in shard.tensors:

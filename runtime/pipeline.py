@@ -27,7 +27,7 @@ from wanpack.runtime.models.tokenizer import T5Tokenizer
 from wanpack.runtime.models.vae import encode as vae_encode
 from wanpack.runtime.models.vae_tiling import decode_within, encode_within
 from wanpack.runtime.pack import PackComponent
-from wanpack.runtime.run_record import RunRecord, StageTimer, file_sha256, write_sidecar
+from wanpack.runtime.run_record import RunRecord, StageTimer, file_sha256, sidecar_path, write_sidecar
 from wanpack.runtime.sampling import make_scheduler
 from wanpack.runtime.sampling.loop import denoise, i2v_latent_hw, initial_noise, latent_shape
 from wanpack.runtime.stream.dit_stream import streamed_forward
@@ -321,5 +321,5 @@ def run(req: RunRequest, progress: Progress = lambda event, info: None) -> RunRe
         if cfg.save_latents:
             record.latents = str(save_latents(req.out.with_suffix(".latents.safetensors"), latent.cpu()))
     record.finish(timer)
-    write_sidecar(req.out, record)
+    write_sidecar(sidecar_path(req.out), record)
     return record
