@@ -160,8 +160,8 @@ def _prequantized(source, specs: dict[str, archs.TensorSpec]) -> tuple[set[str],
     return names, (schemes.pop() if schemes else None)
 
 
-def plan_job(kind: str, source_dir: Path, opts: ConvertOptions, declared: dict) -> ComponentJob:
-    """Open the component's source, check it against its architecture, and plan its shards."""
+def open_component(kind: str, source_dir: Path, opts: ConvertOptions, declared: dict):
+    """The component's source, its config, architecture name, and the source keys to ignore."""
     if kind == "dit":
         source = open_safetensors_source(source_dir)
         arch_name = _dit_arch(opts, declared, source.config)
@@ -171,14 +171,17 @@ def plan_job(kind: str, source_dir: Path, opts: ConvertOptions, declared: dict) 
             cfg = archs.dit_config_from_hub(source.config, arch_name)
         else:
             cfg = archs.dit_config(arch_name, layers=_count_blocks(source.tensors))
-        ignore: tuple[str, ...] = ()
-    else:
-        if not source_dir.is_dir():
-            raise UsageError(f"--component {kind} needs the model folder as SOURCE, got the file {source_dir}")
-        source = open_pth_source(source_dir / HUB_FILES[kind])
-        cfg = _component_config(kind, declared)
-        arch_name = cfg.name
-        ignore = archs.CLIP_UNUSED_PREFIXES if kind == "clip" else ()
+        return source, cfg, arch_name, ()
+    if not source_dir.is_dir():
+        raise UsageError(f"--component {kind} needs the model folder as SOURCE, got the file {source_dir}")
+    source = open_pth_source(source_dir / HUB_FILES[kind])
+    cfg = _component_config(kind, declared)
+    return source, cfg, cfg.name, archs.CLIP_UNUSED_PREFIXES if kind == "clip" else ()
+
+
+def plan_job(kind: str, source, cfg: archs.ArchConfig, arch_name: str, ignore: tuple[str, ...], opts: ConvertOptions,
+             tokenizer_dir: Path | None = None) -> ComponentJob:  # fmt: skip
+    """Check an opened source against its architecture and plan its shards."""
     specs = {s.name: s for s in archs.component_tensors(cfg)}
     prequant, scheme = _prequantized(source, specs)
     if prequant and opts.quant not in (scheme, "none"):
@@ -186,8 +189,8 @@ def plan_job(kind: str, source_dir: Path, opts: ConvertOptions, declared: dict) 
                          "(or --quant none to dequantize); re-quantizing would compound the error")  # fmt: skip
     if prequant and opts.loras:
         raise UsageError("cannot merge a LoRA into already-quantized weights - merge it into the original checkpoint")
-    _validate_keys(str(source.files[0] if len(source.files) == 1 else source.root), specs, source.tensors, ignore,
-                   prequant)  # fmt: skip
+    where = str(source.files[0] if len(source.files) == 1 else getattr(source, "root", kind))
+    _validate_keys(where, specs, source.tensors, ignore, prequant)
     keep = None
     if kind == "vae":
         keep = next(iter(source.tensors.values())).dtype
@@ -196,10 +199,10 @@ def plan_job(kind: str, source_dir: Path, opts: ConvertOptions, declared: dict) 
     plans = plan_component_shards(kind, list(specs.values()), cfg.phases, quant,
                                   by_block=opts.save_by_block, keep_dtype=keep)  # fmt: skip
     job = ComponentJob(kind, cfg, arch_name, source, specs, plans, quant, prequant)
-    if kind == "t5" and (source_dir / TOKENIZER_DIR).is_dir():
-        for f in sorted((source_dir / TOKENIZER_DIR).rglob("*")):
+    if kind == "t5" and tokenizer_dir is not None and tokenizer_dir.is_dir():
+        for f in sorted(tokenizer_dir.rglob("*")):
             if f.is_file():
-                job.extra_files.append((f, f"t5/tokenizer/{f.relative_to(source_dir / TOKENIZER_DIR).as_posix()}"))
+                job.extra_files.append((f, f"t5/tokenizer/{f.relative_to(tokenizer_dir).as_posix()}"))
     return job
 
 
@@ -364,7 +367,17 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, option
         is_t2v = bool(jobs) and jobs[0].name == "dit" and getattr(jobs[0].cfg, "model_type", "") == "t2v"
         if kind == "clip" and "all" in opts.components and is_t2v:
             continue  # text-to-video models have no image encoder
-        jobs.append(plan_job(kind, source_dir, opts, declared))
+        opened = open_component(kind, source_dir, opts, declared)
+        tokenizer = source_dir / TOKENIZER_DIR if source_dir.is_dir() else None
+        jobs.append(plan_job(kind, *opened, opts, tokenizer_dir=tokenizer))
+    return write_pack(jobs, out, opts, source_dir, progress, started)
+
+
+def write_pack(jobs: list[ComponentJob], out: str | os.PathLike, opts: ConvertOptions, source_dir: Path,
+               progress: Callable[[int, int], None] | None = None,
+               started: float | None = None) -> tuple[Manifest, ConvertStats]:  # fmt: skip
+    """Stream planned jobs into an atomic pack folder (the part shared by every kind of source)."""
+    started = time.perf_counter() if started is None else started
     loras = [Lora.open(path, strength) for path, strength in opts.loras]
     dit = next((j for j in jobs if j.name == "dit"), None)
     if loras and dit is None:

@@ -234,3 +234,19 @@ def test_hub_config_decides_arch_without_flag(tmp_path):
     manifest, _ = convert_checkpoint(src, tmp_path / "pack", ConvertOptions())
     assert manifest.components["dit"].arch == "wan2.1-i2v-14b"
     assert manifest.components["dit"].config["dim"] == 64 and (src / DIT_SINGLE).is_file()
+
+
+def test_random_source_pack_equals_converted_synthetic_checkpoint(tmp_path):
+    """`synth --as-pack` is the converter with generated tensors: byte-identical shards to synth + convert."""
+    from wanpack.convert.synth_pack import synth_pack
+
+    synth_checkpoint(tmp_path / "src", "wan2.1-i2v-14b", layers=2, dim_scale="tiny", dtype="bf16",
+                     components=("dit", "t5", "clip", "vae"))  # fmt: skip
+    a, _ = convert_checkpoint(tmp_path / "src", tmp_path / "pa", ConvertOptions(components=("all",), hash_source=False))
+    b, _ = synth_pack(tmp_path / "pb", "wan2.1-i2v-14b", layers=2, dim_scale="tiny",
+                      components=("dit", "t5", "clip", "vae"))  # fmt: skip
+    for name in ("dit", "t5", "clip", "vae"):
+        assert [(s.path, s.sha256) for s in a.components[name].shards] == [
+            (s.path, s.sha256) for s in b.components[name].shards
+        ], name
+    assert a.components["t5"].files == b.components["t5"].files and b.source.kind == "synthetic"

@@ -22,12 +22,17 @@ def synth(
     shards: int = typer.Option(1, "--shards", help="Split the DiT into K files plus an index json, like the hub."),
     component: list[str] = typer.Option(["dit"], "--component", "-c", help="dit, t5, clip, vae or all (repeatable)."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same values."),
+    as_pack: bool = typer.Option(False, "--as-pack", help="Write a converted pack directly (no source files): "
+                                                          "full-size benchmark packs without a 60 GB source."),  # fmt: skip
+    quant: str = typer.Option("int8", "--quant", help="With --as-pack: int8, fp8 or none."),
+    force: bool = typer.Option(False, "--force", help="With --as-pack: replace an existing pack."),
 ) -> None:
     """Write a synthetic (random-weight) Wan2.1 checkpoint in the hub's file layout.
 
     Examples:
       wanpack synth --arch wan2.1-t2v-14b --dim-scale tiny --layers 2 --out /tmp/src
       wanpack synth --arch wan2.1-i2v-14b --dim-scale tiny -c all --shards 3 --out /tmp/i2v
+      wanpack synth --arch wan2.1-t2v-14b -c all --as-pack --quant int8 --out /tmp/t2v-14b-int8
     """
     from wanpack.convert.synth import synth_checkpoint
     from wanpack.errors import UsageError
@@ -36,6 +41,15 @@ def synth(
     unknown = wanted - set(COMPONENTS)
     if unknown:
         raise UsageError(f"unknown --component {sorted(unknown)} - choose from {', '.join(COMPONENTS)} or all")
+    if as_pack:
+        from wanpack.convert.converter import ConvertOptions
+        from wanpack.convert.synth_pack import synth_pack
+
+        manifest, stats = synth_pack(out_dir, arch, layers=layers, dim_scale=dim_scale, components=tuple(sorted(wanted)),
+                                     options=ConvertOptions(quant=quant, force=force), seed=seed)  # fmt: skip
+        out.print(f"wrote pack {out_dir} ({arch}, {dim_scale}, RANDOM weights, {quant}): "
+                  f"{', '.join(manifest.components)}, {human_bytes(stats.pack_bytes)} in {stats.seconds:.1f} s")  # fmt: skip
+        return
     written = synth_checkpoint(out_dir, arch, layers=layers, dim_scale=dim_scale, dtype=dtype, shards=shards,
                                seed=seed, components=tuple(sorted(wanted)))  # fmt: skip
     total = sum(p.stat().st_size for paths in written.values() for p in paths)
