@@ -133,5 +133,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """softmax(q k^T / sqrt(D)) v over all keys (Wan never masks when sequences are not padded).
 
     Shapes: q [B, Lq, H, D], k and v [B, Lk, H, D] (last dim contiguous) -> [B, Lq, H, D] in q's dtype.
+    fp32 (the reference path) always takes plain SDPA: the cuDNN, flash-attn and sage kernels take fp16/bf16 only.
     """
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return _sdpa(q, k, v)
     return attn_backend(q.device).run(q, k, v)
