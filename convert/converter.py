@@ -37,7 +37,14 @@ from wanpack.convert.pack_layout import (
 )
 from wanpack.convert.quantize import check_scheme, dequantize_weight, quantize_weight
 from wanpack.convert.safetensors_io import ST_TO_TORCH
-from wanpack.convert.sources import PthSource, SafetensorsSource, open_pth_source, open_safetensors_source, sha256_file
+from wanpack.convert.sources import (
+    BufferPool,
+    PthSource,
+    SafetensorsSource,
+    open_pth_source,
+    open_safetensors_source,
+    sha256_file,
+)
 from wanpack.convert.synth import HUB_FILES, SYNTH_DECLARATION
 from wanpack.errors import NoSpaceError, SourceError, UsageError
 from wanpack.manifests import arch as archs
@@ -238,12 +245,13 @@ def _read_ahead(jobs: list[ComponentJob], hashes: dict[str, str] | None, budget:
     """Run the sources' readers in a thread; yield (job, name, tensor) in read order, re-raising reader errors."""
     q: queue.Queue = queue.Queue()
     done = object()
+    pool = BufferPool()
 
     def reader() -> None:
         try:
             for job in jobs:
                 wanted = set(job.specs) | {n + SCALE_SUFFIX for n in job.prequantized}
-                for name, tensor in job.source.read_in_file_order(wanted, hashes, on_bytes):
+                for name, tensor in job.source.read_in_file_order(wanted, hashes, on_bytes, pool):
                     nbytes = tensor.numel() * tensor.element_size()
                     budget.take(nbytes, stop)
                     if stop.is_set():
@@ -264,8 +272,9 @@ def _read_ahead(jobs: list[ComponentJob], hashes: dict[str, str] | None, budget:
                 raise item
             job, name, tensor, nbytes = item
             try:
-                yield job, name, tensor
+                yield job, name, tensor  # the consumer is done with it when control comes back
             finally:
+                pool.release(tensor)
                 budget.give(nbytes)
     finally:
         stop.set()
@@ -334,13 +343,13 @@ def _transform(job: ComponentJob, name: str, tensor: torch.Tensor, loras: list[L
         base = name[: -len(SCALE_SUFFIX)]
         scale = tensor.to(torch.float32).reshape(-1, 1)
         if job.quant.scheme == "none":
-            pending_scales[base] = scale
+            pending_scales[base] = scale.clone()  # kept past this iteration: the read buffer is reused
             return []
         return [(name, scale)]
     spec = job.specs[name]
     if name in job.prequantized:
         if job.quant.scheme == "none":
-            return [("__dequant__" + name, tensor)]  # resolved by the caller once its scale has arrived
+            return [("__dequant__" + name, tensor.clone())]  # resolved once its scale has arrived
         return [(name, tensor)]
     for lora in loras:
         tensor = lora.apply(name, tensor)

@@ -117,9 +117,9 @@ class StHeader:
         return cls(path, {t.name: t for t in ordered}, metadata, data_start, size)
 
 
-def read_tensor(fd: int, info: StTensorInfo, path: Path | str = "") -> torch.Tensor:
-    """One positioned read of a tensor's bytes into fresh memory; never maps the file."""
-    buf = torch.empty(info.length, dtype=torch.uint8)
+def read_tensor(fd: int, info: StTensorInfo, path: Path | str = "", buf: torch.Tensor | None = None) -> torch.Tensor:
+    """One positioned read of a tensor's bytes into ``buf`` (uint8, at least as long) or fresh memory; never maps."""
+    buf = torch.empty(info.length, dtype=torch.uint8) if buf is None else buf[: info.length]
     view = memoryview(buf.numpy())
     done = 0
     while done < info.length:

@@ -45,7 +45,8 @@ class RandomSource:
                 for s in component_tensors(self.cfg)}  # fmt: skip
 
     def read_in_file_order(self, wanted: set[str], hashes: dict[str, str] | None,
-                           on_bytes: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+                           on_bytes: Callable[[int], None] = lambda n: None,
+                           pool: object = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
         for spec in component_tensors(self.cfg):
             if spec.name in wanted:
                 tensor = random_tensor(spec, self.seed, self.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -34,6 +35,9 @@ def convert(
       wanpack convert ./Wan2.1-I2V-14B-480P -c all --quant fp8 --save-by-block --out ./i2v-480p-fp8
       wanpack convert ./src --lora distill_lora.safetensors --lora-strength 1.0 --out ./distilled
     """
+    # The reader and hasher threads need the cores that OpenMP workers would otherwise spin on between torch ops
+    # (measured: a third less CPU time for the same conversion). Must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from wanpack.convert.converter import ConvertOptions, convert_checkpoint
     from wanpack.errors import UsageError
 
