@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from wanpack.errors import UsageError
 from wanpack.runtime.sampling import (
@@ -75,7 +74,9 @@ def reference_unipc_base(steps: int) -> np.ndarray:
     return np.linspace(sigma_max, 0.0, steps + 1)[:-1].copy()
 
 
-def diffusers_unipc(steps: int, shift: float) -> UniPCMultistepScheduler:
+def diffusers_unipc(steps: int, shift: float):
+    from diffusers import UniPCMultistepScheduler  # imported here: the GPU test below runs where diffusers is absent
+
     sched = UniPCMultistepScheduler(
         num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction", predict_x0=True,
         solver_type="bh2", lower_order_final=True, use_flow_sigmas=True, flow_shift=shift, final_sigmas_type="zero",
@@ -113,7 +114,9 @@ def reference_dpmpp_sigmas(steps: int, shift: float) -> np.ndarray:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def diffusers_dpmpp(steps: int, shift: float) -> DPMSolverMultistepScheduler:
+def diffusers_dpmpp(steps: int, shift: float):
+    from diffusers import DPMSolverMultistepScheduler
+
     sched = DPMSolverMultistepScheduler(
         num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction", algorithm_type="dpmsolver++",
         solver_type="midpoint", lower_order_final=True, use_flow_sigmas=True, flow_shift=shift,
@@ -137,7 +140,9 @@ def test_dpmpp_matches_diffusers(steps, shift):
     assert_same_trajectory(run_ours(ours, x), run_diffusers(theirs, x))
 
 
-def diffusers_euler(base_sigmas, shift: float) -> FlowMatchEulerDiscreteScheduler:
+def diffusers_euler(base_sigmas, shift: float):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     sched.set_timesteps(sigmas=list(base_sigmas))
     return sched

@@ -214,7 +214,9 @@ def test_gpu_bf16_int8_matches_cpu(weights):
     got = T5Encoder(CFG, dtype=torch.bfloat16)(on_gpu, ids, mask)
     for a, b in zip(got, ref, strict=True):
         assert a.is_cuda and a.shape == b.shape
-        assert ((a.float().cpu() - b).norm() / b.norm()).item() < 0.03
+        # the CPU reference is weight-only int8 in fp32; CUDA runs W8A8 (per-token int8 activations) in bf16. At width 32
+        # that alone costs 3-5% (CPU emulation over 5 token seeds: 2.5-5.1%); bf16 weight-only is already ~2.2%
+        assert ((a.float().cpu() - b).norm() / b.norm()).item() < 0.06
 
 
 def read_pack_component(pack, kind: str) -> dict[str, torch.Tensor]:

@@ -94,7 +94,9 @@ def quantize_activation_torch(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[to
     """The reference per-token quantizer (several passes; the Triton kernel does it in one)."""
     qmax = QMAX[dtype]
     amax = x2d.abs().amax(dim=-1, keepdim=True).to(torch.float32)
-    scale = amax / qmax
+    # divide by a tensor, not a Python scalar: CUDA computes `t / scalar` as `t * (1 / scalar)`, up to 1 ulp off the
+    # IEEE quotient that the CPU kernel and the Triton kernel's div_rn give (and _triton_quant_ok then turns Triton off)
+    scale = amax / torch.full_like(amax, qmax)
     y = x2d.to(torch.float32) / torch.where(amax > 0, scale, torch.ones_like(scale))
     if dtype == torch.int8:
         # round half away from zero, as the Triton kernel does

@@ -165,6 +165,8 @@ def rms_rope(y: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, si
              head_dim: int, eps: float, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """y [B, L, C] -> RMS-normed (over C), gained and (when cos is given) rotated [B, L, C] in out_dtype."""
     b, n, c = y.shape
+    if cos is not None and (cos.shape[0] != n or sin.shape[0] != n):
+        raise ValueError(f"rope tables have {cos.shape[0]} rows for {n} tokens")  # the kernel would read wrong rows
     y2 = y.reshape(b * n, c)
     if y2.stride(1) != 1:
         y2 = y2.contiguous()
