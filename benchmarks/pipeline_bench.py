@@ -46,6 +46,8 @@ def one_run(pack: Path, work: Path, name: str, *, height: int, width: int, cap_g
                  "vram_budget_gib": cap_gib, "vae_tiling": cap_gib is not None}  # fmt: skip
     if resident:
         overrides.update({"cpu_offload": False, "offload_granularity": "model"})
+    else:  # blocks from the RAM cache (the disk path is measured by stream_bench); the planner picks slots/chunks
+        overrides.update({"lazy_load": False, "offload_granularity": "block"})
     cfg = resolve_run_config("distill-4step", None, overrides)
     out = work / f"{name}.mp4"
     t = time.perf_counter()
