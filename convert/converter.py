@@ -58,7 +58,7 @@ from wanpack.manifests.format import (
 
 COMPONENTS = ("dit", "t5", "clip", "vae")
 TOKENIZER_DIR = "google/umt5-xxl"
-READ_AHEAD_BYTES = 768 << 20  # source bytes read ahead of the quantizer
+READ_AHEAD_BYTES = 512 << 20  # source bytes read ahead of the quantizer
 
 
 @dataclass
@@ -251,12 +251,16 @@ def _read_ahead(jobs: list[ComponentJob], hashes: dict[str, str] | None, budget:
         try:
             for job in jobs:
                 wanted = set(job.specs) | {n + SCALE_SUFFIX for n in job.prequantized}
-                for name, tensor in job.source.read_in_file_order(wanted, hashes, on_bytes, pool):
-                    nbytes = tensor.numel() * tensor.element_size()
-                    budget.take(nbytes, stop)
-                    if stop.is_set():
-                        return
-                    q.put((job, name, tensor, nbytes))
+                tensors = job.source.read_in_file_order(wanted, hashes, on_bytes, pool)
+                try:
+                    for name, tensor in tensors:
+                        nbytes = tensor.numel() * tensor.element_size()
+                        budget.take(nbytes, stop)
+                        if stop.is_set():
+                            return
+                        q.put((job, name, tensor, nbytes))
+                finally:
+                    tensors.close()  # ends the source's own hashing thread now, not at garbage collection
             q.put(done)
         except BaseException as exc:  # handed to the main thread, which raises it
             q.put(exc)
@@ -278,7 +282,7 @@ def _read_ahead(jobs: list[ComponentJob], hashes: dict[str, str] | None, budget:
                 budget.give(nbytes)
     finally:
         stop.set()
-        thread.join(timeout=10)
+        thread.join()  # no thread may outlive the conversion: interpreter shutdown under a running one can abort
 
 
 class _ShardFiles:

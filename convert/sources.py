@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import pickle
+import queue
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -40,14 +41,14 @@ class BufferPool:
     """Reuses large read buffers across tensors.
 
     A fresh allocation of a few hundred MB is returned to the OS on free and page-faults (and zero-fills) every 4 KiB
-    again on the next read; a converter reading 60 GB spent more time in those faults than in copying. Buffers come
-    back through ``release`` once the consumer is done with the tensor cut from them.
+    again on the next read; a converter reading 60 GB spent more time in those faults than in copying. A buffer goes
+    back to the free list when every holder (the consumer, the source hasher) has released the tensor cut from it.
     """
 
-    def __init__(self, keep: int = 4):
+    def __init__(self, keep: int = 3):
         self.keep = keep
         self._free: list[torch.Tensor] = []
-        self._lent: dict[int, torch.Tensor] = {}
+        self._lent: dict[int, list] = {}  # data_ptr -> [buffer, holders]
         self._lock = threading.Lock()
 
     def get(self, nbytes: int) -> torch.Tensor:
@@ -59,17 +60,74 @@ class BufferPool:
         if buf is None:
             buf = torch.empty(nbytes, dtype=torch.uint8)
         with self._lock:
-            self._lent[buf.data_ptr()] = buf
+            self._lent[buf.data_ptr()] = [buf, 1]
         return buf
 
-    def release(self, tensor: torch.Tensor) -> None:
-        """Give back the buffer under ``tensor`` (a no-op for tensors the pool did not lend)."""
+    def retain(self, tensor: torch.Tensor) -> None:
+        """One more holder of the buffer under ``tensor`` (a no-op for tensors the pool did not lend)."""
         with self._lock:
-            buf = self._lent.pop(tensor.untyped_storage().data_ptr(), None)
-            if buf is not None:
-                self._free.append(buf)
+            entry = self._lent.get(tensor.untyped_storage().data_ptr())
+            if entry is not None:
+                entry[1] += 1
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """One holder fewer; the last one gives the buffer back."""
+        with self._lock:
+            key = tensor.untyped_storage().data_ptr()
+            entry = self._lent.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._lent[key]
+                self._free.append(entry[0])
                 if len(self._free) > self.keep:
                     self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))
+
+
+class _BackgroundHash:
+    """sha256 of one file fed in order on its own thread, so reading never waits for hashing (and vice versa).
+
+    At most ``depth`` pieces wait, which bounds the memory they pin; pieces are released to the pool once hashed.
+    """
+
+    def __init__(self, pool: BufferPool | None, depth: int = 2):
+        self.sha = hashlib.sha256()
+        self.pool = pool
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.thread = threading.Thread(target=self._work, name="wanpack-source-hash", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while (item := self.q.get()) is not None:
+            try:
+                if self.error is None and not self.cancelled:
+                    self.sha.update(item if isinstance(item, bytes) else memoryview(item.reshape(-1).view(torch.uint8).numpy()))
+            except BaseException as exc:  # handed to the reader at finish()
+                self.error = exc
+            finally:
+                if self.pool is not None and isinstance(item, torch.Tensor):
+                    self.pool.release(item)
+
+    def feed(self, data: bytes | torch.Tensor) -> None:
+        if self.pool is not None and isinstance(data, torch.Tensor):
+            self.pool.retain(data)
+        self.q.put(data)
+
+    def finish(self) -> str:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.sha.hexdigest()
+
+    def abandon(self) -> None:
+        """Stop without a result (the conversion was interrupted); returns once the thread has ended."""
+        self.cancelled = True
+        self.q.put(None)
+        self.thread.join()
 
 
 @dataclass(frozen=True)
@@ -114,11 +172,11 @@ class SafetensorsSource:
         stored under its name, so the manifest can describe the source exactly.
         """
         for h in self.headers:
-            sha = hashlib.sha256() if hashes is not None else None
+            sha = _BackgroundHash(pool) if hashes is not None else None
             fd = os.open(h.path, os.O_RDONLY)
             try:
                 if sha is not None:
-                    sha.update(os.pread(fd, h.data_start, 0))
+                    sha.feed(os.pread(fd, h.data_start, 0))
                 infos = list(h.tensors.items())  # already in offset order
                 for i, (raw, info) in enumerate(infos):
                     name = raw[len(self.prefix) :]
@@ -128,17 +186,22 @@ class SafetensorsSource:
                         _prefetch(fd, infos[i + 1][1])
                     tensor = read_tensor(fd, info, h.path, pool.get(info.length) if pool else None)
                     if sha is not None:
-                        sha.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                        sha.feed(tensor)
                     on_bytes(info.length)
                     _drop_cache(fd, info)
                     if name in wanted:
                         yield name, tensor
+                    elif pool is not None:
+                        pool.release(tensor)
                 if sha is not None:
                     end = max((t.offset + t.length for t in h.tensors.values()), default=h.data_start)
                     if end < h.file_size:
-                        sha.update(os.pread(fd, h.file_size - end, end))
-                    hashes[h.path.name] = sha.hexdigest()
+                        sha.feed(os.pread(fd, h.file_size - end, end))
+                    hashes[h.path.name] = sha.finish()
+                    sha = None
             finally:
+                if sha is not None:
+                    sha.abandon()
                 os.close(fd)
 
 
