@@ -172,7 +172,10 @@ class SafetensorsSource:
         stored under its name, so the manifest can describe the source exactly.
         """
         for h in self.headers:
-            sha = _BackgroundHash(pool) if hashes is not None else None
+            known = hub_cache_sha256(h.path) if hashes is not None else None
+            if known is not None:
+                hashes[h.path.name] = known
+            sha = _BackgroundHash(pool) if hashes is not None and known is None else None
             fd = os.open(h.path, os.O_RDONLY)
             try:
                 if sha is not None:
@@ -203,6 +206,21 @@ class SafetensorsSource:
                 if sha is not None:
                     sha.abandon()
                 os.close(fd)
+
+
+def hub_cache_sha256(path: Path) -> str | None:
+    """The sha256 of a file in the Hugging Face cache, read off its blob name; None elsewhere.
+
+    The hub cache stores an LFS file as ``blobs/<sha256>`` behind the snapshot's symlink, and `wanpack download`
+    checked that digest before the file became visible, so hashing 60 GB again would add nothing but minutes.
+    """
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    name = target.name
+    if target.parent.name == "blobs" and len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+        return name
+    return None
 
 
 def _prefetch(fd: int, info: StTensorInfo) -> None:

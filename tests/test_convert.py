@@ -250,3 +250,16 @@ def test_random_source_pack_equals_converted_synthetic_checkpoint(tmp_path):
             (s.path, s.sha256) for s in b.components[name].shards
         ], name
     assert a.components["t5"].files == b.components["t5"].files and b.source.kind == "synthetic"
+
+
+def test_source_hash_is_taken_from_the_hub_cache_blob_name(tmp_path):
+    """A snapshot symlink into blobs/<sha256> (the HF cache layout) is described without re-hashing it."""
+    src = tmp_path / "src"
+    synth_checkpoint(src, "wan2.1-t2v-1.3b", layers=1, dim_scale="tiny")
+    blobs = tmp_path / "cache" / "blobs"
+    blobs.mkdir(parents=True)
+    fake_digest = "ab" * 32  # not the file's real digest: proves the name was used, not the bytes
+    (src / DIT_SINGLE).rename(blobs / fake_digest)
+    (src / DIT_SINGLE).symlink_to(blobs / fake_digest)
+    manifest, _ = convert_checkpoint(src, tmp_path / "pack", ConvertOptions())
+    assert {f.name: f.sha256 for f in manifest.source.files}[DIT_SINGLE] == fake_digest
