@@ -35,7 +35,7 @@ def build_pack(work: Path, arch: str, layers: int | None) -> Path:
 
 
 def one_run(pack: Path, work: Path, name: str, *, height: int, width: int, cap_gib: float | None,
-            resident: bool, frames: int) -> dict:  # fmt: skip
+            resident: bool, frames: int, steps: int | None = None) -> dict:  # fmt: skip
     from wanpack.manifests.run_config import resolve_run_config
     from wanpack.runtime.pipeline import RunRequest, run
 
@@ -44,6 +44,8 @@ def one_run(pack: Path, work: Path, name: str, *, height: int, width: int, cap_g
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total) if cap_gib else 1.0)
     overrides = {"height": height, "width": width, "frames": frames, "seed": 7, "save_latents": True,
                  "vram_budget_gib": cap_gib, "vae_tiling": cap_gib is not None}  # fmt: skip
+    if steps is not None:
+        overrides.update({"steps": steps, "denoising_step_list": [1000, 750, 500, 250][:steps]})
     if resident:
         overrides.update({"cpu_offload": False, "offload_granularity": "model"})
     else:  # blocks from the RAM cache (the disk path is measured by stream_bench); the planner picks slots/chunks
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--cap-gib", type=float, default=8.0)
     ap.add_argument("--skip-720p", action="store_true")
+    ap.add_argument("--warmup", action="store_true", help="one untimed 1-step run first (kernel autotune, page cache)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -75,6 +78,9 @@ def main() -> None:
     if not args.skip_720p:
         plans.append(("streamed-720p", 720, 1280, args.cap_gib, False))
     rows = []
+    if args.warmup:
+        one_run(pack, args.work, "warmup", height=480, width=832, cap_gib=None, resident=True, frames=args.frames,
+                steps=1)  # fmt: skip
     for name, h, w, cap, resident in plans:
         try:
             rows.append(one_run(pack, args.work, name, height=h, width=w, cap_gib=cap, resident=resident,
