@@ -27,6 +27,7 @@ from wanpack.manifests.arch import DiTConfig
 from wanpack.runtime.models.rope import rope_tables
 from wanpack.runtime.models.weight_dict import apply_linear, block_view, need
 from wanpack.runtime.ops.attention import attention
+from wanpack.runtime.ops.linear import Activation, QuantizedActivation
 from wanpack.runtime.ops.norms import layer_norm, rms_norm_rope
 
 Weights = Mapping[str, torch.Tensor]
@@ -66,7 +67,7 @@ Modulation = tuple[torch.Tensor, ...]  # (shift, scale, gate) x (self-attn, ffn)
 # ----------------------------------------------------------------------------------------------------- helpers
 
 
-def _lin(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
+def _lin(w: Weights, name: str, x: Activation) -> torch.Tensor:
     return apply_linear(w, name, x, "dit", bias=True)  # every Wan DiT Linear has a bias
 
 
@@ -199,7 +200,7 @@ def self_attn_phase(w: Weights, x: torch.Tensor, e0: torch.Tensor, rope: tuple[t
     k = torch.empty((b, n, heads, hd), dtype=opts.dtype, device=x.device)
     v = torch.empty_like(k)
     for s in _chunks(n, opts.chunk_tokens):
-        xn = _modulated_norm(x[:, s], shift, scale, cfg.eps, opts)
+        xn = QuantizedActivation(_modulated_norm(x[:, s], shift, scale, cfg.eps, opts))  # k and v share one quantization
         k[:, s] = _qk_norm(_lin(w, "self_attn.k", xn), w["self_attn.norm_k.weight"], cfg, opts, (cos[s], sin[s]))
         v[:, s] = _lin(w, "self_attn.v", xn).unflatten(-1, (heads, hd))
     for s in _chunks(n, opts.chunk_tokens):
