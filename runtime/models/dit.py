@@ -234,6 +234,7 @@ def cross_kv(w: Weights, ctx: torch.Tensor, cfg: DiTConfig, opts: DiTOptions) ->
     img, txt = (ctx[:, : cfg.image_tokens], ctx[:, cfg.image_tokens :]) if cfg.model_type == "i2v" else (None, ctx)
 
     def kv(kname: str, vname: str, norm: str, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        src = QuantizedActivation(src)  # k and v share one quantization of the context
         k = _qk_norm(_lin(w, kname, src), w[norm], cfg, opts)
         return k, _lin(w, vname, src).unflatten(-1, (cfg.num_heads, cfg.head_dim))
 
