@@ -160,6 +160,30 @@ def time_linears(cfg, w, n: int, dev, opts, iters: int) -> float:
     return cuda_time(run, iters)
 
 
+def time_norm_linears(cfg, w, n: int, dev, opts, iters: int) -> float:
+    """Seconds for a block's per-step GEMMs plus the three modulated LayerNorms that feed them, wired as the block
+    wires them: k and v share one input, and with W8A8 weights on CUDA each norm writes the quantized copy itself
+    (fused), so no separate quantizer pass runs for q, k, v and ffn.0. bf16 pays the same norms, so ratios compare."""
+    x = torch.randn(1, opts.chunk_tokens, cfg.dim, device=dev, dtype=opts.hi)
+    shift, scale = (0.3 * torch.randn(1, 2, cfg.dim, device=dev, dtype=opts.hi)).chunk(2, dim=1)
+    o = torch.randn(1, opts.chunk_tokens, cfg.dim, device=dev, dtype=opts.dtype)
+    h = torch.randn(1, opts.chunk_tokens, cfg.ffn_dim, device=dev, dtype=opts.dtype)
+    groups = [("self_attn.k", "self_attn.v"), ("self_attn.q",), ("ffn.0",)]
+
+    def run():
+        for s in dit._chunks(n, opts.chunk_tokens):
+            rows = s.stop - s.start
+            for names in groups:
+                xn = dit._modulated_norm_for(w, names, x[:, :rows], shift, scale, cfg.eps, opts)
+                for name in names:
+                    dit._lin(w, name, xn)
+            for name in ("self_attn.o", "cross_attn.q", "cross_attn.o"):
+                dit._lin(w, name, o[:, :rows])
+            dit._lin(w, "ffn.2", h[:, :rows])
+
+    return cuda_time(run, iters)
+
+
 def peak_activation(cfg, w, n: int, dev, opts) -> tuple[int, int]:
     """(measured, estimated) peak bytes above the resident weights for one block at n tokens."""
     f, hh, ww = grid_for(n)
@@ -250,14 +274,17 @@ def main() -> int:
                 lin_times[var] = time_linears(cfg, w, n, dev, opts, args.iters)
             lin.set_gemm_backend(smoke_gemm(scheme, args.smoke))
             lin.FP8_FAST_ACCUM = True
+            norm_lin_s = time_norm_linears(cfg, w, n, dev, opts, args.iters)
             lin_flops = sum(p["linear"] for p in fl.values())
             row = {"scheme": scheme, "tokens": n, "block_s": sum(times.values()), "linear_s": lin_times,
-                   "linear_tflops": {k: lin_flops / v / 1e12 for k, v in lin_times.items()}}  # fmt: skip
+                   "linear_tflops": {k: lin_flops / v / 1e12 for k, v in lin_times.items()},
+                   "norm_linear_s": norm_lin_s}  # fmt: skip
             for ph, t in times.items():
                 row[f"{ph}_s"] = t
                 row[f"{ph}_tflops"] = (fl[ph]["linear"] + fl[ph]["attention"]) / t / 1e12
             rows.append(row)
-            print(f"# {scheme} {n}: block {row['block_s']:.3f} s, linears {lin_times}", file=sys.stderr)
+            print(f"# {scheme} {n}: block {row['block_s']:.3f} s, linears {lin_times}, norms+linears (as wired in "
+                  f"the block) {norm_lin_s:.3f} s", file=sys.stderr)  # fmt: skip
         if 75600 in args.tokens:
             mem[scheme] = peak_activation(cfg, w, 75600, dev, opts)
         del w
@@ -278,16 +305,19 @@ def print_table(r: dict) -> None:
           f"chunk {r['chunk_tokens']} tokens, backends {r['backends']}")  # fmt: skip
     print("ceilings TFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in ceil.items()))
     print(f"{'scheme':6} {'tokens':>6} {'self_attn':>16} {'cross_attn':>16} {'ffn':>16} {'block s':>8} {'vs bf16':>7}"
-          f"  linears s (TFLOP/s) [vs bf16]")  # fmt: skip
+          f" {'norms+lin s':>16}  linears s (TFLOP/s) [vs bf16]")  # fmt: skip
     base = {(x["tokens"]): x for x in r["rows"] if x["scheme"] == "bf16"}
     for x in r["rows"]:
         b = base.get(x["tokens"])
         cells = [f"{x[p + '_s'] * 1e3:7.1f}ms {x[p + '_tflops']:5.0f}T" for p in ("self_attn", "cross_attn", "ffn")]
         ratio = x["block_s"] / b["block_s"] if b else float("nan")
         b_lin = min(b["linear_s"].values()) if b else float("nan")
+        nl = x.get("norm_linear_s", float("nan"))
+        nl_ratio = nl / b["norm_linear_s"] if b and "norm_linear_s" in b else float("nan")
+        nl_cell = f"{nl:.3f} [{nl_ratio:.2f}x]"
         lins = " ".join(f"{k}={v:.3f}({x['linear_tflops'][k]:.0f})[{v / b_lin:.2f}x]" for k, v in x["linear_s"].items())
         print(f"{x['scheme']:6} {x['tokens']:>6} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} {x['block_s']:8.3f} "
-              f"{ratio:7.2f}  {lins}")  # fmt: skip
+              f"{ratio:7.2f} {nl_cell:>16}  {lins}")  # fmt: skip
     for scheme, (meas, est) in r["peak_activation_720p"].items():
         flag = "ok" if meas <= 4 * GIB else "OVER 4 GiB"
         print(f"peak activation 720p {scheme}: {meas / GIB:.2f} GiB measured, {est / GIB:.2f} GiB estimated ({flag})")

@@ -144,3 +144,34 @@ def test_bf16_compute_close_to_fp32(residual):
     # bf16 weights and activations round at 2^-9 relative, a few dozen times in series; measured 0.003 (0.005 with
     # a bf16 residual). The bound leaves ~4x.
     assert got.dtype == torch.float32 and rel < 0.02
+
+
+@pytest.mark.parametrize("scheme,backend", [("int8", "int_mm"), ("fp8", "scaled_mm")])
+def test_shared_activation_quantization_is_bit_identical(scheme, backend, monkeypatch):
+    """Quantizing each normalized input once for all its linears changes no bit of the block, and saves the passes:
+    per chunk the self-attn k and v share one quantization (7 instead of 8), and cross_kv quantizes the context once
+    for k and v (t2v: 1 instead of 2; i2v: 2 instead of 4)."""
+    cfg, weights, x, e0, ctx, grid = block_setup("i2v")
+    w = dit.block_weights(quantized(weights, cfg, scheme), 0)
+    opts = dit.DiTOptions(dtype=torch.float32, chunk_tokens=64)  # 144 tokens -> 3 chunks
+    lin.set_gemm_backend(backend)
+    rope = dit.rope_tables(grid, cfg.head_dim, dtype=opts.hi)
+    calls = []
+    real = lin.quantize_activation
+    monkeypatch.setattr(lin, "quantize_activation", lambda *a: calls.append(a[0].shape) or real(*a))
+    kv = dit.cross_kv(w, ctx, cfg, opts)
+    assert len(calls) == 2
+    calls.clear()
+    got = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts)
+    assert len(calls) == 3 * 7
+    # today's path: every linear gets the plain tensor and quantizes it itself
+    monkeypatch.setattr(dit, "_modulated_norm_for", lambda w, names, *a: dit._modulated_norm(*a))
+    monkeypatch.setattr(dit, "QuantizedActivation", lambda t: t)
+    calls.clear()
+    kv_ref = dit.cross_kv(w, ctx, cfg, opts)
+    assert len(calls) == 4
+    assert torch.equal(kv_ref.k, kv.k) and torch.equal(kv_ref.v, kv.v) and torch.equal(kv_ref.v_img, kv.v_img)
+    calls.clear()
+    ref = dit.block_forward(w, x.clone(), e0, rope, kv_ref, cfg, opts)
+    assert len(calls) == 3 * 8
+    assert torch.equal(got, ref)

@@ -145,3 +145,50 @@ def test_fused_norms_match_torch_at_14b_width():
     got = norms.rms_norm_rope(y, w, 1e-6, bf, f32, 128, cos, sin).float()
     ref = norms.rms_norm_rope_torch(y, w, 1e-6, bf, f32, 128, cos, sin).float()
     assert (got - ref).abs().max().item() <= 2**-7 * ref.abs().max().item()  # at most a bf16 rounding apart
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_fused_norm_quantize_is_exact_at_14b_width(scheme):
+    """The quantizing LayerNorm kernel's q and scale equal quantize_activation (and the torch quantizer) of its output,
+    bit for bit, at the 14B width; fp8 here uses the hardware e4m3 cast the interpreter cannot reproduce."""
+    from wanpack.runtime.ops import norms, triton_kernels
+
+    assert norms.fused_norm_quant(DEV)  # the self-check passed on this GPU
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    x = 4 * torch.randn(2, 1000, 5120, device=DEV, generator=gen)
+    x[..., 7] *= 50  # outlier channel
+    shift, scale = (0.3 * torch.randn(2, 6, 5120, device=DEV, generator=gen)).chunk(6, dim=1)[:2]
+    qdtype = lin.QUANT_DTYPES[scheme]
+    out, q, s = triton_kernels.layer_norm_quant(x[:, 17:], 1e-6, torch.bfloat16, qdtype, shift, scale)
+    ref = triton_kernels.layer_norm(x[:, 17:], 1e-6, torch.bfloat16, shift, scale)
+    assert torch.equal(out, ref)
+    for rq, rs in (lin.quantize_activation(ref.reshape(-1, 5120), qdtype),
+                   lin.quantize_activation_torch(ref.reshape(-1, 5120), qdtype)):
+        assert torch.equal(s, rs)
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_fused_norm_quantize_block_is_bit_exact(scheme, monkeypatch):
+    """A 14B block with the fused LayerNorm+quantize equals the unfused wrapper path and today's plain-tensor path."""
+    from wanpack.runtime.ops import norms
+
+    cfg = dit_config("wan2.1-t2v-14b", layers=1)
+    grid = (4, 16, 32)  # 2048 tokens, two chunks
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    x = torch.randn(1, 2048, cfg.dim, device=DEV, generator=gen)
+    e0 = 0.3 * torch.randn(1, 6, cfg.dim, device=DEV, generator=gen)
+    ctx = torch.randn(1, cfg.text_len, cfg.dim, device=DEV, generator=gen, dtype=torch.bfloat16)
+    opts = dit.DiTOptions(dtype=torch.bfloat16, chunk_tokens=1024)
+    rope = dit.rope_tables(grid, cfg.head_dim, device=DEV)
+    w = _block(cfg, scheme)
+    assert dit._input_quant_dtype(w, ("self_attn.k", "self_attn.v"), x.device) == lin.QUANT_DTYPES[scheme]
+    assert norms.fused_norm_quant(DEV)
+    kv = dit.cross_kv(w, ctx, cfg, opts)
+    fused = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts)
+    monkeypatch.setattr(norms, "fused_norm_quant", lambda device: False)
+    unfused = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts)
+    monkeypatch.setattr(dit, "_modulated_norm_for", lambda w, names, *a: dit._modulated_norm(*a))
+    plain = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts)
+    assert torch.isfinite(fused).all()
+    assert torch.equal(fused, unfused) and torch.equal(fused, plain)

@@ -86,6 +86,29 @@ def test_scaled_mm_backend_matches_exact_w8a8_with_outliers_and_zero_rows():
     assert err.max().item() < 2**-8
 
 
+@pytest.mark.parametrize("scheme,backend", [("int8", "int_mm"), ("fp8", "scaled_mm"), ("int8", "dequant"),
+                                            ("fp8", "dequant")])  # fmt: skip
+def test_quantized_activation_is_bit_identical_and_quantizes_once(scheme, backend, monkeypatch):
+    x, w, bias = hard_inputs()
+    x = x.bfloat16().reshape(2, 24, -1)  # 3-D, as the DiT passes it
+    qw, sw = quantize_weight(w, scheme)
+    lin.set_gemm_backend(backend)
+    ref_k, ref_v = lin.linear(x, qw, bias, sw), lin.linear(x, qw[:50], bias[:50], sw[:50])
+    calls = []
+    real = lin.quantize_activation
+    monkeypatch.setattr(lin, "quantize_activation", lambda *a: calls.append(a) or real(*a))
+    act = lin.QuantizedActivation(x)
+    got_k, got_v = lin.linear(act, qw, bias, sw), lin.linear(act, qw[:50], bias[:50], sw[:50])
+    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v) and got_k.shape == (2, 24, 96)
+    assert len(calls) == (0 if backend == "dequant" else 1)  # dequant uses x itself; W8A8 quantizes once for both
+    assert torch.equal(lin.linear(act, w.bfloat16(), bias), lin.linear(x, w.bfloat16(), bias))  # float weights: x
+    q, s = act.quantized(qw.dtype)  # what a fused producer must hand in: exactly quantize_activation's values
+    rq, rs = lin.quantize_activation_torch(x.reshape(48, -1), qw.dtype)
+    assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+    handed = lin.QuantizedActivation(x, {qw.dtype: (rq, rs)})
+    assert torch.equal(lin.linear(handed, qw, bias, sw), ref_k)
+
+
 def _predicted_rms_error(x, w, qx, sx, qw, sw, scheme):
     """RMS output error expected from independent rounding of both operands (variance step^2 / 12 per element)."""
     if scheme == "int8":

@@ -58,10 +58,16 @@ def test_rms_rope_compiles(rope):
     compile_sm90(tk._rms_rope_kernel, sig, {"HALF": 2560, "HALF_HEAD": 64, "ROPE": rope, "BLOCK": 4096}, num_warps=4)
 
 
-@pytest.mark.parametrize("modulate", [True, False])
-def test_layer_norm_compiles(modulate):
+@pytest.mark.parametrize("modulate,quant", [(True, None), (False, None), (True, "int8"), (True, "fp8"),
+                                            (False, "int8")])  # fmt: skip
+def test_layer_norm_compiles(modulate, quant):
+    qtype = {None: "*bf16", "int8": "*i8", "fp8": "*fp8e4nv"}[quant]
     sig = {"x_ptr": "*fp32", "shift_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*bf16", "bias_ptr": "*bf16",
-           "out_ptr": "*bf16", "L": "i32", "stride_xb": "i32", "stride_xl": "i32", "stride_mb": "i32",
-           "stride_o": "i32", "eps": "fp32"}  # fmt: skip
-    const = {"C": 5120, "MODULATE": modulate, "AFFINE": not modulate, "BLOCK": 8192}
-    compile_sm90(tk._mod_ln_kernel, sig, const, num_warps=8)
+           "out_ptr": "*bf16", "q_ptr": qtype, "s_ptr": "*fp32" if quant else "*bf16", "L": "i32", "stride_xb": "i32",
+           "stride_xl": "i32", "stride_mb": "i32", "stride_o": "i32", "stride_q": "i32", "eps": "fp32"}  # fmt: skip
+    const = {"C": 5120, "MODULATE": modulate, "AFFINE": not modulate, "QUANT": quant is not None,
+             "QMAX": 127.0 if quant == "int8" else 448.0, "IS_INT8": quant == "int8", "BLOCK": 8192}  # fmt: skip
+    kernel = compile_sm90(tk._mod_ln_kernel, sig, const, num_warps=8)
+    assert kernel.metadata.shared <= SMEM_LIMIT
+    if quant == "fp8":
+        assert "cvt.rn.satfinite.e4m3x2.f32" in kernel.asm["ptx"]  # hardware e4m3 conversion, as in quantize_rows

@@ -27,7 +27,8 @@ from wanpack.manifests.arch import DiTConfig
 from wanpack.runtime.models.rope import rope_tables
 from wanpack.runtime.models.weight_dict import apply_linear, block_view, need
 from wanpack.runtime.ops.attention import attention
-from wanpack.runtime.ops.norms import layer_norm, rms_norm_rope
+from wanpack.runtime.ops.linear import QMAX, Activation, QuantizedActivation, gemm_backend
+from wanpack.runtime.ops.norms import layer_norm, layer_norm_quantized, rms_norm_rope
 
 Weights = Mapping[str, torch.Tensor]
 DEFAULT_CHUNK_BUDGET = 768 * 2**20  # bytes of per-chunk temporaries; keeps 720p (75600 tokens) under 4 GiB
@@ -66,7 +67,7 @@ Modulation = tuple[torch.Tensor, ...]  # (shift, scale, gate) x (self-attn, ffn)
 # ----------------------------------------------------------------------------------------------------- helpers
 
 
-def _lin(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
+def _lin(w: Weights, name: str, x: Activation) -> torch.Tensor:
     return apply_linear(w, name, x, "dit", bias=True)  # every Wan DiT Linear has a bias
 
 
@@ -79,6 +80,24 @@ def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, e
                     opts: DiTOptions) -> torch.Tensor:  # fmt: skip
     """LN(x) * (1 + scale) + shift in hi (LayerNorm without affine), returned in the compute dtype."""
     return layer_norm(x, eps, opts.dtype, opts.hi, shift=shift, scale=scale)
+
+
+def _input_quant_dtype(w: Weights, names: tuple[str, ...], device: torch.device) -> torch.dtype | None:
+    """The dtype the linears ``names`` quantize their shared input to, or None when none would (float weights, mixed
+    kinds, or the weight-only ``dequant`` backend, which reads the activation as it is)."""
+    weights = [w.get(f"{n}.weight") for n in names]
+    dtypes = {None if t is None else t.dtype for t in weights}
+    if len(dtypes) != 1 or (dtype := dtypes.pop()) not in QMAX:
+        return None
+    return None if gemm_backend(dtype, device).name == "dequant" else dtype
+
+
+def _modulated_norm_for(w: Weights, names: tuple[str, ...], x: torch.Tensor, shift: torch.Tensor,
+                        scale: torch.Tensor, eps: float, opts: DiTOptions) -> QuantizedActivation:  # fmt: skip
+    """:func:`_modulated_norm` as the shared input of the linears ``names``, quantized at most once for all of them;
+    with W8A8 weights on CUDA the norm kernel writes the quantized copy itself (no separate quantizer pass)."""
+    qdtype = _input_quant_dtype(w, names, x.device)
+    return layer_norm_quantized(x, eps, opts.dtype, opts.hi, qdtype, shift=shift, scale=scale)
 
 
 def _qk_norm(y: torch.Tensor, weight: torch.Tensor, cfg: DiTConfig, opts: DiTOptions,
@@ -199,11 +218,11 @@ def self_attn_phase(w: Weights, x: torch.Tensor, e0: torch.Tensor, rope: tuple[t
     k = torch.empty((b, n, heads, hd), dtype=opts.dtype, device=x.device)
     v = torch.empty_like(k)
     for s in _chunks(n, opts.chunk_tokens):
-        xn = _modulated_norm(x[:, s], shift, scale, cfg.eps, opts)
+        xn = _modulated_norm_for(w, ("self_attn.k", "self_attn.v"), x[:, s], shift, scale, cfg.eps, opts)
         k[:, s] = _qk_norm(_lin(w, "self_attn.k", xn), w["self_attn.norm_k.weight"], cfg, opts, (cos[s], sin[s]))
         v[:, s] = _lin(w, "self_attn.v", xn).unflatten(-1, (heads, hd))
     for s in _chunks(n, opts.chunk_tokens):
-        xn = _modulated_norm(x[:, s], shift, scale, cfg.eps, opts)
+        xn = _modulated_norm_for(w, ("self_attn.q",), x[:, s], shift, scale, cfg.eps, opts)
         q = _qk_norm(_lin(w, "self_attn.q", xn), w["self_attn.norm_q.weight"], cfg, opts, (cos[s], sin[s]))
         o = attention(q, k, v).flatten(2)
         _add_residual(x[:, s], _lin(w, "self_attn.o", o), gate)
@@ -215,6 +234,7 @@ def cross_kv(w: Weights, ctx: torch.Tensor, cfg: DiTConfig, opts: DiTOptions) ->
     img, txt = (ctx[:, : cfg.image_tokens], ctx[:, cfg.image_tokens :]) if cfg.model_type == "i2v" else (None, ctx)
 
     def kv(kname: str, vname: str, norm: str, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        src = QuantizedActivation(src)  # k and v share one quantization of the context
         k = _qk_norm(_lin(w, kname, src), w[norm], cfg, opts)
         return k, _lin(w, vname, src).unflatten(-1, (cfg.num_heads, cfg.head_dim))
 
@@ -243,7 +263,7 @@ def ffn_phase(w: Weights, x: torch.Tensor, mod: Modulation, cfg: DiTConfig, opts
     """x += ffn(LN(x) * (1 + scale) + shift) * gate, in place, chunked; ffn = Linear -> GELU(tanh) -> Linear."""
     shift, scale, gate = mod[3], mod[4], mod[5]
     for s in _chunks(x.shape[1], opts.chunk_tokens):
-        xn = _modulated_norm(x[:, s], shift, scale, cfg.eps, opts)
+        xn = _modulated_norm_for(w, ("ffn.0",), x[:, s], shift, scale, cfg.eps, opts)
         h = F.gelu(_lin(w, "ffn.0", xn), approximate="tanh")
         del xn
         _add_residual(x[:, s], _lin(w, "ffn.2", h), gate)

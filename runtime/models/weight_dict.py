@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from wanpack.errors import PackFormatError
-from wanpack.runtime.ops.linear import linear
+from wanpack.runtime.ops.linear import Activation, linear
 
 QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
@@ -30,7 +30,7 @@ def block_view(weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, to
     return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
-def apply_linear(weights: Mapping[str, torch.Tensor], name: str, x: torch.Tensor, part: str,
+def apply_linear(weights: Mapping[str, torch.Tensor], name: str, x: Activation, part: str,
                  bias: bool = False) -> torch.Tensor:  # fmt: skip
     """Linear ``name`` applied to x [..., in] -> [..., out], dequantizing through the runtime's linear op."""
     weight = need(weights, f"{name}.weight", part)

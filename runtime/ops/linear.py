@@ -12,6 +12,8 @@ go to a GEMM backend from a small registry, picked once per (weight dtype, devic
 
 All W8A8 backends quantize the activation per token, dynamically and symmetrically (scale = absmax(row) / qmax; a zero
 row gets scale 0 and yields bias only, never NaN), with the Triton kernel when it is present, else torch ops.
+``linear`` also takes a :class:`QuantizedActivation` in place of x: one activation feeding several quantized linears is
+then quantized once (or arrives already quantized from a fused producer, see norms.layer_norm_quantized).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class GemmBackend:
     name: str
     dtypes: tuple[torch.dtype, ...]
     unavailable: Callable[[torch.device], str | None]
-    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    run: Callable[[Activation, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # x2d or its wrapper
 
 
 # ----------------------------------------------------------------------------------------------- availability
@@ -131,10 +133,46 @@ def _triton_quant_ok(device: torch.device) -> bool:
     return _QUANT_CHECKED[device]
 
 
+class QuantizedActivation:
+    """An activation x [..., K] plus its per-token quantized copies, made at most once per dtype and then shared.
+
+    Quantizing is a full pass over x; when one activation feeds several W8A8 linears (self-attention k and v) this
+    keeps it to one. A producer that already has the copy (a fused norm kernel) hands it in through ``quantized``; it
+    must hold exactly what :func:`quantize_activation` returns for x, so results do not depend on who quantized.
+    """
+
+    def __init__(self, x: torch.Tensor,
+                 quantized: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:  # fmt: skip
+        self.x = x
+        self._quantized = dict(quantized or {})
+
+    @property
+    def x2d(self) -> torch.Tensor:
+        return self.x.reshape(-1, self.x.shape[-1])
+
+    def quantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [M, K] int8|fp8, scale [M, 1] float32) of x viewed as [M, K], computed on first use."""
+        if dtype not in self._quantized:
+            self._quantized[dtype] = quantize_activation(self.x2d, dtype)
+        return self._quantized[dtype]
+
+
+Activation = torch.Tensor | QuantizedActivation
+
+
+def _plain(a: Activation) -> torch.Tensor:
+    return a.x2d if isinstance(a, QuantizedActivation) else a
+
+
+def _quantized(a: Activation, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return a.quantized(dtype) if isinstance(a, QuantizedActivation) else quantize_activation(a, dtype)
+
+
 # ----------------------------------------------------------------------------------------------- backends
 
 
-def _run_dequant(x2d, weight, scale, bias):
+def _run_dequant(a, weight, scale, bias):
+    x2d = _plain(a)
     w = (weight.to(torch.float32) * scale.to(torch.float32)).to(x2d.dtype)
     return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
 
@@ -143,10 +181,11 @@ def _out_dtype(x2d: torch.Tensor) -> torch.dtype:
     return x2d.dtype if x2d.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def _run_int_mm(x2d, weight, scale, bias):
+def _run_int_mm(a, weight, scale, bias):
+    x2d = _plain(a)
     if x2d.shape[0] < _MIN_ROWS["int_mm"]:
         return _run_dequant(x2d, weight, scale, bias)
-    q, xs = quantize_activation(x2d, torch.int8)
+    q, xs = _quantized(a, torch.int8)
     acc = torch._int_mm(q, weight.t())
     y = acc.to(torch.float32).mul_(xs).mul_(scale.reshape(1, -1).to(torch.float32))
     if bias is not None:
@@ -154,15 +193,17 @@ def _run_int_mm(x2d, weight, scale, bias):
     return y.to(x2d.dtype)
 
 
-def _run_triton_int8(x2d, weight, scale, bias):
+def _run_triton_int8(a, weight, scale, bias):
     from wanpack.runtime.ops import triton_kernels
 
-    q, xs = quantize_activation(x2d, torch.int8)
+    x2d = _plain(a)
+    q, xs = _quantized(a, torch.int8)
     return triton_kernels.int8_gemm(q, xs, weight, scale, bias, x2d.dtype)
 
 
-def _run_scaled_mm(x2d, weight, scale, bias):
-    q, xs = quantize_activation(x2d, torch.float8_e4m3fn)
+def _run_scaled_mm(a, weight, scale, bias):
+    x2d = _plain(a)
+    q, xs = _quantized(a, torch.float8_e4m3fn)
     out_dtype = _out_dtype(x2d)
     y = torch._scaled_mm(q, weight.t(), scale_a=xs, scale_b=scale.reshape(1, -1).to(torch.float32),
                          bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
@@ -170,10 +211,11 @@ def _run_scaled_mm(x2d, weight, scale, bias):
     return y.to(x2d.dtype)
 
 
-def _run_sgl(x2d, weight, scale, bias):
+def _run_sgl(a, weight, scale, bias):
     import sgl_kernel
 
-    q, xs = quantize_activation(x2d, weight.dtype)
+    x2d = _plain(a)
+    q, xs = _quantized(a, weight.dtype)
     out_dtype = _out_dtype(x2d)
     fn = sgl_kernel.int8_scaled_mm if weight.dtype == torch.int8 else sgl_kernel.fp8_scaled_mm
     y = fn(q, weight.t(), xs, scale.reshape(-1).to(torch.float32), out_dtype,
@@ -258,19 +300,21 @@ def _self_check(backend: GemmBackend, dtype: torch.dtype, device: torch.device) 
         return False
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def linear(x: Activation, weight: torch.Tensor, bias: torch.Tensor | None = None,
            scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """y = x @ W^T + b, where W = weight * scale when the weight is quantized.
 
-    Shapes: x [..., in], weight [out, in], scale [out, 1] float32 (quantized weights only), bias [out].
-    Returns [..., out] in x's dtype.
+    Shapes: x [..., in] (a tensor or a QuantizedActivation of one), weight [out, in], scale [out, 1] float32
+    (quantized weights only), bias [out]. Returns [..., out] in x's dtype.
     """
+    wrapped = x if isinstance(x, QuantizedActivation) else None
+    x = wrapped.x if wrapped is not None else x
     if scale is None or weight.dtype not in QMAX:
         w = weight.to(x.dtype) if scale is None else (weight.float() * scale.float()).to(x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    y = gemm_backend(weight.dtype, x.device).run(x2d, weight, scale, bias)
+    a = wrapped if wrapped is not None else x.reshape(-1, x.shape[-1])
+    y = gemm_backend(weight.dtype, x.device).run(a, weight, scale, bias)
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -5,9 +5,14 @@
 - ``rms_norm_rope``: the Q/K RMS norm over the full width (across heads), its gain, then the interleaved-pair RoPE
   rotation, written in the compute dtype.
 
+``layer_norm_quantized`` is ``layer_norm`` for an input that feeds W8A8 linears: on CUDA the same kernel also writes the
+per-token int8/fp8 copy and its scale (what the GEMM backend would otherwise compute in a separate pass that reads the
+output back), handed on as a QuantizedActivation.
+
 In eager torch each is a chain of fp32 temporaries (about 100 bytes of traffic per element for RMS + RoPE, ~11 ms
 per 14B block at 480p on an H100); the Triton kernels read the input once and write the output once. The torch
-versions define the numbers: the kernels must match them (checked once per device; on a mismatch torch is used).
+versions define the numbers: the kernels must match them (checked once per device; on a mismatch torch is used). The
+quantizing variant must equal layer_norm + quantize_activation bit for bit (also checked; else the unfused path).
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from wanpack.runtime.ops.linear import QuantizedActivation, quantize_activation
+
 _fused_ok: dict[torch.device, bool] = {}
+_fused_quant_ok: dict[torch.device, bool] = {}
 
 
 def fused_norms(device: torch.device | str) -> bool:
@@ -46,6 +54,34 @@ def layer_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype, hi: torch.dt
 
         return triton_kernels.layer_norm(x, eps, out_dtype, shift, scale, weight, bias)
     return layer_norm_torch(x, eps, out_dtype, hi, shift=shift, scale=scale, weight=weight, bias=bias)
+
+
+def layer_norm_quantized(x: torch.Tensor, eps: float, out_dtype: torch.dtype, hi: torch.dtype,
+                         qdtype: torch.dtype | None, *, shift: torch.Tensor | None = None,
+                         scale: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None) -> QuantizedActivation:  # fmt: skip
+    """:func:`layer_norm` wrapped for linears; with ``qdtype`` (int8 | float8_e4m3fn) the fused kernel also writes the
+    per-token quantized copy (equal to quantize_activation of the output). Without the kernel the copy is made lazily
+    by the first W8A8 linear, exactly as for a plain tensor. x [B, L, C] -> wraps [B, L, C] in out_dtype."""
+    if qdtype is not None and out_dtype in (torch.bfloat16, torch.float16) and _fused(x, hi) \
+            and fused_norm_quant(x.device):  # fmt: skip
+        from wanpack.runtime.ops import triton_kernels
+
+        out, q, qs = triton_kernels.layer_norm_quant(x, eps, out_dtype, qdtype, shift, scale, weight, bias)
+        return QuantizedActivation(out, {qdtype: (q, qs)})
+    return QuantizedActivation(layer_norm(x, eps, out_dtype, hi, shift=shift, scale=scale, weight=weight, bias=bias))
+
+
+def fused_norm_quant(device: torch.device | str) -> bool:
+    """Whether the LayerNorm kernel's quantizing variant is exact on ``device`` (checked once, like fused_norms)."""
+    device = torch.device(device)
+    if not fused_norms(device):
+        return False
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _fused_quant_ok:
+        _fused_quant_ok[device] = _self_check_quant(device)
+    return _fused_quant_ok[device]
 
 
 def layer_norm_torch(x, eps, out_dtype, hi, *, shift=None, scale=None, weight=None, bias=None) -> torch.Tensor:
@@ -112,4 +148,36 @@ def _self_check(device: torch.device) -> bool:
         return worst <= 1e-5
     except Exception as exc:
         print(f"wanpack: fused norm kernels failed their self-check ({exc!r}); using torch ops", file=sys.stderr)
+        return False
+
+
+def _self_check_quant(device: torch.device) -> bool:
+    """The quantizing LayerNorm against LayerNorm then quantize_activation, exactly: output, q bytes and scales.
+
+    Cases: modulated on a token-strided view with a row that normalizes to all zeros (scale 0), and the affine norm.
+    """
+    try:
+        from wanpack.runtime.ops import triton_kernels
+
+        gen = torch.Generator(device=device).manual_seed(1)
+        x = 3 * torch.randn(2, 37, 320, device=device, generator=gen)
+        shift, scale = (0.5 * torch.randn(2, 6, 320, device=device, generator=gen)).chunk(6, dim=1)[:2]
+        w, b = torch.randn(320, device=device, generator=gen), torch.randn(320, device=device, generator=gen)
+        x[1, 9] = 1.0  # a constant row normalizes to zeros; with no shift it stays zero
+        shift[1] = 0.0
+        cases = [dict(shift=shift, scale=scale), dict(weight=w, bias=b)]
+        ok = True
+        for qdtype in (torch.int8, torch.float8_e4m3fn):
+            for kw in cases:
+                out, q, qs = triton_kernels.layer_norm_quant(x[:, 3:], 1e-6, torch.bfloat16, qdtype, **kw)
+                ref = triton_kernels.layer_norm(x[:, 3:], 1e-6, torch.bfloat16, **kw)
+                rq, rs = quantize_activation(ref.reshape(-1, 320), qdtype)
+                ok &= torch.equal(out, ref) and torch.equal(qs, rs) and torch.equal(q.view(torch.uint8),
+                                                                                     rq.view(torch.uint8))  # fmt: skip
+        if not ok:
+            print("wanpack: fused norm+quantize kernel failed its self-check; quantizing separately", file=sys.stderr)
+        return ok
+    except Exception as exc:
+        print(f"wanpack: fused norm+quantize kernel failed its self-check ({exc!r}); quantizing separately",
+              file=sys.stderr)  # fmt: skip
         return False

@@ -1,4 +1,5 @@
-"""Triton kernels for W8A8 linears: per-token activation quantization and an int8 GEMM with a fused epilogue.
+"""Triton kernels for W8A8 linears (per-token activation quantization, an int8 GEMM with a fused epilogue) and the
+DiT's fused norms (LayerNorm + modulation, optionally writing the quantized copy too; RMS + RoPE).
 
 Imported lazily by :mod:`wanpack.runtime.ops.linear` only when triton is installed. Why our own GEMM: torch._int_mm
 writes an int32 [M, N] result that a second pass must read back to apply the scales and bias (for a 75600 x 5120
@@ -182,10 +183,15 @@ def rms_rope(y: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, si
 
 
 @triton.jit
-def _mod_ln_kernel(x_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr, L, stride_xb, stride_xl, stride_mb,
-                   stride_o, eps, C: tl.constexpr, MODULATE: tl.constexpr, AFFINE: tl.constexpr,
+def _mod_ln_kernel(x_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr, q_ptr, s_ptr, L, stride_xb, stride_xl,
+                   stride_mb, stride_o, stride_q, eps, C: tl.constexpr, MODULATE: tl.constexpr, AFFINE: tl.constexpr,
+                   QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
                    BLOCK: tl.constexpr):  # fmt: skip
-    """One program per token: LayerNorm over C in fp32, then * (1 + scale) + shift (per batch) or the affine."""
+    """One program per token: LayerNorm over C in fp32, then * (1 + scale) + shift (per batch) or the affine.
+
+    With QUANT the row is also quantized per token from the value just stored (rounded to out's dtype), with the
+    same arithmetic as _quant_rows_kernel, so q and scale equal quantize_rows(out) and the GEMM skips that pass.
+    """
     row = tl.program_id(0).to(tl.int64)
     bi = row // L
     offs = tl.arange(0, BLOCK)
@@ -202,7 +208,41 @@ def _mod_ln_kernel(x_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr, L, str
     if AFFINE:
         y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = y + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    yo = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + offs, yo, mask=mask)
+    if QUANT:
+        yr = tl.where(mask, yo.to(tl.float32), 0.0)
+        amax = tl.max(tl.abs(yr), axis=0)
+        qscale = tl.div_rn(amax, QMAX)
+        yq = tl.div_rn(yr, tl.where(amax > 0, qscale, 1.0))
+        if IS_INT8:
+            q = tl.where(yq >= 0, yq + 0.5, yq - 0.5).to(tl.int8)
+        else:
+            q = tl.minimum(tl.maximum(yq, -QMAX), QMAX).to(tl.float8e4nv)
+        tl.store(q_ptr + row * stride_q + offs, q, mask=mask)
+        tl.store(s_ptr + row, qscale)
+
+
+def _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype):
+    b, n, c = x.shape
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    out = torch.empty((b * n, c), dtype=out_dtype, device=x.device)
+    quant = qdtype is not None
+    q = torch.empty((b * n, c), dtype=qdtype, device=x.device) if quant else out
+    qs = torch.empty((b * n, 1), dtype=torch.float32, device=x.device) if quant else out
+    modulate = shift is not None
+    if modulate:
+        shift = shift.float().expand(b, 1, c).contiguous()
+        scale = scale.float().expand(b, 1, c).contiguous()
+    dummy = out
+    _mod_ln_kernel[(b * n,)](x, shift if modulate else dummy, scale if modulate else dummy,
+                             weight if weight is not None else dummy, bias if bias is not None else dummy, out, q, qs,
+                             n, x.stride(0), x.stride(1), c if modulate else 0, out.stride(0), q.stride(0), eps, C=c,
+                             MODULATE=modulate, AFFINE=weight is not None, QUANT=quant,
+                             QMAX=127.0 if qdtype == torch.int8 else 448.0, IS_INT8=qdtype == torch.int8,
+                             BLOCK=triton.next_power_of_2(c), num_warps=8 if c >= 4096 else 4)  # fmt: skip
+    return out.view(b, n, c), q, qs
 
 
 def layer_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype, shift: torch.Tensor | None = None,
@@ -212,18 +252,16 @@ def layer_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype, shift: torch
 
     shift/scale are fp32 [B or 1, 1, C]; weight/bias [C].
     """
-    b, n, c = x.shape
-    if x.stride(2) != 1:
-        x = x.contiguous()
-    out = torch.empty((b * n, c), dtype=out_dtype, device=x.device)
-    modulate = shift is not None
-    if modulate:
-        shift = shift.float().expand(b, 1, c).contiguous()
-        scale = scale.float().expand(b, 1, c).contiguous()
-    dummy = out
-    _mod_ln_kernel[(b * n,)](x, shift if modulate else dummy, scale if modulate else dummy,
-                             weight if weight is not None else dummy, bias if bias is not None else dummy, out, n,
-                             x.stride(0), x.stride(1), c if modulate else 0, out.stride(0), eps, C=c,
-                             MODULATE=modulate, AFFINE=weight is not None, BLOCK=triton.next_power_of_2(c),
-                             num_warps=8 if c >= 4096 else 4)  # fmt: skip
-    return out.view(b, n, c)
+    return _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, None)[0]
+
+
+def layer_norm_quant(x: torch.Tensor, eps: float, out_dtype: torch.dtype, qdtype: torch.dtype,
+                     shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                     weight: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`layer_norm` that also quantizes its output per token in the same pass.
+
+    Returns (out [B, L, C] out_dtype, q [B*L, C] qdtype (int8 | float8_e4m3fn), scale [B*L, 1] float32), where
+    (q, scale) == quantize_rows(out.reshape(-1, C)).
+    """
+    return _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype)
