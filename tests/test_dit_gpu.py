@@ -169,9 +169,37 @@ def test_fused_norm_quantize_is_exact_at_14b_width(scheme):
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
-def test_fused_norm_quantize_block_is_bit_exact(scheme, monkeypatch):
-    """A 14B block with the fused LayerNorm+quantize equals the unfused wrapper path and today's plain-tensor path."""
-    from wanpack.runtime.ops import norms
+def test_fused_gelu_quantize_at_ffn_width(scheme):
+    """The GELU+quantize kernel at the 14B FFN width: GELU within gelu_close of torch's (bit-exact is reported),
+    q and scale exactly quantize_activation of its own output, the quantized-only variant identical."""
+    import torch.nn.functional as F
+
+    from wanpack.runtime.ops import activations, triton_kernels
+
+    assert activations.fused_gelu_quant(DEV)  # the self-check passed on this GPU
+    print(f"GELU bit-exact vs torch: {activations.gelu_matches_torch_exactly(DEV)}")
+    gen = torch.Generator(device=DEV).manual_seed(6)
+    h = (3 * torch.randn(1500, 13824, device=DEV, generator=gen)).to(torch.bfloat16)
+    h[:, 11] *= 30  # outlier channel
+    h[5] = 0
+    qdtype = lin.QUANT_DTYPES[scheme]
+    out, q, s = triton_kernels.gelu_tanh_quant(h, qdtype)
+    ref = F.gelu(h, approximate="tanh")
+    assert activations.gelu_close(out, ref)
+    print(f"{scheme}: elements differing from F.gelu: {(out != ref).sum().item()} of {ref.numel()}")
+    rq, rs = lin.quantize_activation(out, qdtype)
+    assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+    assert s[5].item() == 0
+    _, q2, s2 = triton_kernels.gelu_tanh_quant(h, qdtype, write_out=False)
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, s)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_fused_producers_block_matches_unfused(scheme, monkeypatch):
+    """A 14B block with the fused LayerNorm+quantize and GELU+quantize kernels (and 16-bit outputs skipped) against
+    the unfused wrapper path and the plain-tensor path: bit-exact when the GELU matched torch bit for bit, else
+    within the noise a 1-ulp GELU difference can make (stated bound)."""
+    from wanpack.runtime.ops import activations, norms
 
     cfg = dit_config("wan2.1-t2v-14b", layers=1)
     grid = (4, 16, 32)  # 2048 tokens, two chunks
@@ -183,12 +211,23 @@ def test_fused_norm_quantize_block_is_bit_exact(scheme, monkeypatch):
     rope = dit.rope_tables(grid, cfg.head_dim, device=DEV)
     w = _block(cfg, scheme)
     assert dit._input_quant_dtype(w, ("self_attn.k", "self_attn.v"), x.device) == lin.QUANT_DTYPES[scheme]
-    assert norms.fused_norm_quant(DEV)
+    assert dit._quantized_only(w, ("ffn.2",), lin.QUANT_DTYPES[scheme], x.device, 1024)
+    assert norms.fused_norm_quant(DEV) and activations.fused_gelu_quant(DEV)
     kv = dit.cross_kv(w, ctx, cfg, opts)
-    fused = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts)
+    fused = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts) - x
     monkeypatch.setattr(norms, "fused_norm_quant", lambda device: False)
-    unfused = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts)
-    monkeypatch.setattr(dit, "_modulated_norm_for", lambda w, names, *a: dit._modulated_norm(*a))
-    plain = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts)
+    monkeypatch.setattr(activations, "fused_gelu_quant", lambda device: False)
+    unfused = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts) - x
+    monkeypatch.setattr(dit, "_norm_for", lambda w, names, x, eps, opts, **kw: norms.layer_norm(
+        x, eps, opts.dtype, opts.hi, **kw))  # fmt: skip
+    monkeypatch.setattr(dit, "_gelu_for", lambda w, name, h: torch.nn.functional.gelu(h, approximate="tanh"))
+    plain = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts) - x
     assert torch.isfinite(fused).all()
-    assert torch.equal(fused, unfused) and torch.equal(fused, plain)
+    assert torch.equal(unfused, plain)
+    rel = ((fused - unfused).norm() / unfused.norm()).item()
+    print(f"{scheme}: fused vs unfused block update rel diff {rel:.3g}")
+    if activations.gelu_matches_torch_exactly(DEV):
+        assert torch.equal(fused, unfused)
+    else:
+        assert rel < 2e-3  # a few FFN inputs one code apart; the scheme's own error vs fp32 is 10-30x larger
+

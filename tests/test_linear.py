@@ -109,6 +109,35 @@ def test_quantized_activation_is_bit_identical_and_quantizes_once(scheme, backen
     assert torch.equal(lin.linear(handed, qw, bias, sw), ref_k)
 
 
+@pytest.mark.parametrize("scheme,backend", [("int8", "int_mm"), ("fp8", "scaled_mm")])
+def test_quantized_only_activation_gives_the_same_output(scheme, backend):
+    """A producer that keeps only the quantized copy (no 16-bit x) yields exactly what the plain tensor yields."""
+    x, w, bias = hard_inputs()
+    x = x.bfloat16().reshape(2, 24, -1)
+    qw, sw = quantize_weight(w, scheme)
+    lin.set_gemm_backend(backend)
+    assert lin.reads_quantized_only(qw.dtype, "cpu", 48)
+    ref = lin.linear(x, qw, bias, sw)
+    only = lin.QuantizedActivation(None, {qw.dtype: lin.quantize_activation(x.reshape(48, -1), qw.dtype)},
+                                   shape=x.shape, dtype=x.dtype)  # fmt: skip
+    assert only.rows == 48 and only.device == x.device
+    assert torch.equal(lin.linear(only, qw, bias, sw), ref)
+    with pytest.raises(RuntimeError, match="quantized form"):
+        lin.linear(only, w.bfloat16(), bias)  # float weights would need the plain activation
+    with pytest.raises(ValueError):
+        lin.QuantizedActivation(None, shape=x.shape, dtype=x.dtype)  # nothing to compute from
+
+
+def test_reads_quantized_only_knows_which_backends_need_x():
+    lin.set_gemm_backend(None)
+    assert not lin.reads_quantized_only(torch.int8, "cpu", 4096)  # CPU default: weight-only dequant reads x
+    assert not lin.reads_quantized_only(torch.bfloat16, "cpu", 4096)
+    lin.set_gemm_backend("int_mm")
+    assert lin.reads_quantized_only(torch.int8, "cpu", 4096)
+    assert not lin.reads_quantized_only(torch.int8, "cpu", 16)  # cuBLASLt needs M > 16: small inputs go dequant
+    lin.set_gemm_backend(None)
+
+
 def _predicted_rms_error(x, w, qx, sx, qw, sw, scheme):
     """RMS output error expected from independent rounding of both operands (variance step^2 / 12 per element)."""
     if scheme == "int8":

@@ -72,6 +72,8 @@ for name, (xin, kw) in cases.items():
     for qd, scheme in ((torch.int8, "int8"), (torch.float8_e4m3fn, "fp8")):
         out, q, s = tk.layer_norm_quant(xin, 1e-6, bf, qd, **kw)
         assert torch.equal(out, ref), name  # the bf16 output is untouched by the fusion
+        none, q2, s2 = tk.layer_norm_quant(xin, 1e-6, bf, qd, **kw, write_out=False)
+        assert none is None and torch.equal(s2, s) and torch.equal(q2.view(torch.uint8), q.view(torch.uint8)), name
         rq, rs = quantize_activation_torch(ref.reshape(-1, 96), qd)
         assert q.shape == rq.shape and q.dtype == qd and s.shape == rs.shape
         assert torch.equal(s, rs), (name, scheme)  # scales exact for both schemes

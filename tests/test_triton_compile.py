@@ -66,8 +66,23 @@ def test_layer_norm_compiles(modulate, quant):
            "out_ptr": "*bf16", "q_ptr": qtype, "s_ptr": "*fp32" if quant else "*bf16", "L": "i32", "stride_xb": "i32",
            "stride_xl": "i32", "stride_mb": "i32", "stride_o": "i32", "stride_q": "i32", "eps": "fp32"}  # fmt: skip
     const = {"C": 5120, "MODULATE": modulate, "AFFINE": not modulate, "QUANT": quant is not None,
-             "QMAX": 127.0 if quant == "int8" else 448.0, "IS_INT8": quant == "int8", "BLOCK": 8192}  # fmt: skip
+             "QMAX": 127.0 if quant == "int8" else 448.0, "IS_INT8": quant == "int8", "WRITE_OUT": quant != "int8",
+             "BLOCK": 8192}  # fmt: skip
     kernel = compile_sm90(tk._mod_ln_kernel, sig, const, num_warps=8)
     assert kernel.metadata.shared <= SMEM_LIMIT
     if quant == "fp8":
         assert "cvt.rn.satfinite.e4m3x2.f32" in kernel.asm["ptx"]  # hardware e4m3 conversion, as in quantize_rows
+
+
+@pytest.mark.parametrize("quant,write_out", [("int8", False), ("fp8", False), ("int8", True)])
+def test_gelu_quant_compiles_with_libdevice_tanh(quant, write_out):
+    """The FFN hidden width (13824 -> BLOCK 16384) in one program of 16 warps, tanh from the CUDA math library."""
+    sig = {"h_ptr": "*bf16", "out_ptr": "*bf16", "q_ptr": "*i8" if quant == "int8" else "*fp8e4nv", "s_ptr": "*fp32",
+           "N": "i32", "stride_h": "i32", "stride_o": "i32", "stride_q": "i32"}  # fmt: skip
+    const = {"BETA": tk._GELU_BETA, "KAPPA": tk._GELU_KAPPA, "QMAX": 127.0 if quant == "int8" else 448.0,
+             "IS_INT8": quant == "int8", "WRITE_OUT": write_out, "LIBDEVICE": True, "BLOCK": 16384}  # fmt: skip
+    kernel = compile_sm90(tk._gelu_quant_kernel, sig, const, num_warps=16, enable_fp_fusion=True)
+    assert kernel.metadata.shared <= SMEM_LIMIT
+    ptx = kernel.asm["ptx"]
+    assert "tanh.approx" not in ptx and "ex2.approx" in ptx  # libdevice's precise tanhf (built on exp2), not tanh.approx
+    assert "fma.rn.f32" in ptx  # x + kappa * x^3 contracted, as nvcc compiles torch's kernel

@@ -26,8 +26,9 @@ from wanpack.errors import UsageError
 from wanpack.manifests.arch import DiTConfig
 from wanpack.runtime.models.rope import rope_tables
 from wanpack.runtime.models.weight_dict import apply_linear, block_view, need
+from wanpack.runtime.ops.activations import gelu_tanh_quantized
 from wanpack.runtime.ops.attention import attention
-from wanpack.runtime.ops.linear import QMAX, Activation, QuantizedActivation, gemm_backend
+from wanpack.runtime.ops.linear import QMAX, Activation, QuantizedActivation, gemm_backend, reads_quantized_only
 from wanpack.runtime.ops.norms import layer_norm, layer_norm_quantized, rms_norm_rope
 
 Weights = Mapping[str, torch.Tensor]
@@ -92,12 +93,34 @@ def _input_quant_dtype(w: Weights, names: tuple[str, ...], device: torch.device)
     return None if gemm_backend(dtype, device).name == "dequant" else dtype
 
 
+def _quantized_only(w: Weights, names: tuple[str, ...], qdtype: torch.dtype | None, device: torch.device,
+                    rows: int) -> bool:  # fmt: skip
+    """Whether the linears ``names`` read nothing but the ``qdtype`` copy of their shared input of ``rows`` tokens."""
+    return qdtype is not None and all(reads_quantized_only(w[f"{n}.weight"].dtype, device, rows) for n in names)
+
+
+def _norm_for(w: Weights, names: tuple[str, ...], x: torch.Tensor, eps: float, opts: DiTOptions,
+              **norm: torch.Tensor) -> QuantizedActivation:  # fmt: skip
+    """The LayerNorm (modulated: shift/scale; affine: weight/bias) as the shared input of the linears ``names``,
+    quantized at most once for all of them; with W8A8 weights on CUDA the norm kernel writes the quantized copy
+    itself (no separate quantizer pass), and only that copy when nothing reads the 16-bit one."""
+    qdtype = _input_quant_dtype(w, names, x.device)
+    rows = x.shape[0] * x.shape[1]
+    keep = not _quantized_only(w, names, qdtype, x.device, rows)
+    return layer_norm_quantized(x, eps, opts.dtype, opts.hi, qdtype, keep_plain=keep, **norm)
+
+
 def _modulated_norm_for(w: Weights, names: tuple[str, ...], x: torch.Tensor, shift: torch.Tensor,
                         scale: torch.Tensor, eps: float, opts: DiTOptions) -> QuantizedActivation:  # fmt: skip
-    """:func:`_modulated_norm` as the shared input of the linears ``names``, quantized at most once for all of them;
-    with W8A8 weights on CUDA the norm kernel writes the quantized copy itself (no separate quantizer pass)."""
-    qdtype = _input_quant_dtype(w, names, x.device)
-    return layer_norm_quantized(x, eps, opts.dtype, opts.hi, qdtype, shift=shift, scale=scale)
+    """:func:`_modulated_norm` as the shared input of the linears ``names`` (see :func:`_norm_for`)."""
+    return _norm_for(w, names, x, eps, opts, shift=shift, scale=scale)
+
+
+def _gelu_for(w: Weights, name: str, h: torch.Tensor) -> QuantizedActivation:
+    """GELU(tanh) of the FFN hidden activation as the input of linear ``name``; fused with its quantizer on CUDA."""
+    qdtype = _input_quant_dtype(w, (name,), h.device)
+    keep = not _quantized_only(w, (name,), qdtype, h.device, h.shape[:-1].numel())
+    return gelu_tanh_quantized(h, qdtype, keep_plain=keep)
 
 
 def _qk_norm(y: torch.Tensor, weight: torch.Tensor, cfg: DiTConfig, opts: DiTOptions,
@@ -251,7 +274,7 @@ def cross_attn_phase(w: Weights, x: torch.Tensor, kv: CrossKV, cfg: DiTConfig, o
     i2v: one query attends the text and the image keys separately; the two outputs are summed before ``o``.
     """
     for s in _chunks(x.shape[1], opts.chunk_tokens):
-        xn = layer_norm(x[:, s], cfg.eps, opts.dtype, opts.hi, weight=w["norm3.weight"], bias=w["norm3.bias"])
+        xn = _norm_for(w, ("cross_attn.q",), x[:, s], cfg.eps, opts, weight=w["norm3.weight"], bias=w["norm3.bias"])
         q = _qk_norm(_lin(w, "cross_attn.q", xn), w["cross_attn.norm_q.weight"], cfg, opts)
         o = attention(q, kv.k, kv.v)
         if kv.k_img is not None:
@@ -264,9 +287,11 @@ def ffn_phase(w: Weights, x: torch.Tensor, mod: Modulation, cfg: DiTConfig, opts
     shift, scale, gate = mod[3], mod[4], mod[5]
     for s in _chunks(x.shape[1], opts.chunk_tokens):
         xn = _modulated_norm_for(w, ("ffn.0",), x[:, s], shift, scale, cfg.eps, opts)
-        h = F.gelu(_lin(w, "ffn.0", xn), approximate="tanh")
+        h = _lin(w, "ffn.0", xn)
         del xn
-        _add_residual(x[:, s], _lin(w, "ffn.2", h), gate)
+        g = _gelu_for(w, "ffn.2", h)
+        del h
+        _add_residual(x[:, s], _lin(w, "ffn.2", g), gate)
 
 
 def block_forward(w: Weights, x: torch.Tensor, e0: torch.Tensor, rope, kv: CrossKV, cfg: DiTConfig,

@@ -137,18 +137,32 @@ class QuantizedActivation:
     """An activation x [..., K] plus its per-token quantized copies, made at most once per dtype and then shared.
 
     Quantizing is a full pass over x; when one activation feeds several W8A8 linears (self-attention k and v) this
-    keeps it to one. A producer that already has the copy (a fused norm kernel) hands it in through ``quantized``; it
-    must hold exactly what :func:`quantize_activation` returns for x, so results do not depend on who quantized.
+    keeps it to one. A producer that already has the copy (a fused norm or GELU kernel) hands it in through
+    ``quantized``; it must hold what :func:`quantize_activation` returns for x, so results do not depend on who
+    quantized. Such a producer may also skip writing x itself (``x=None`` with ``shape``/``dtype``) when every
+    consumer reads only the quantized copy (see :func:`reads_quantized_only`): that saves a write and a buffer.
     """
 
-    def __init__(self, x: torch.Tensor,
-                 quantized: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:  # fmt: skip
+    def __init__(self, x: torch.Tensor | None,
+                 quantized: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None = None, *,
+                 shape: torch.Size | tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        if x is None and (not quantized or shape is None or dtype is None):
+            raise ValueError("a QuantizedActivation without x needs its quantized copy, shape and dtype")
         self.x = x
         self._quantized = dict(quantized or {})
+        self.shape = torch.Size(x.shape if x is not None else shape)
+        self.dtype = x.dtype if x is not None else dtype
+        self.device = x.device if x is not None else next(iter(self._quantized.values()))[0].device
 
     @property
     def x2d(self) -> torch.Tensor:
+        if self.x is None:
+            raise RuntimeError("this activation was kept only in quantized form, but a linear asked for the plain one")
         return self.x.reshape(-1, self.x.shape[-1])
+
+    @property
+    def rows(self) -> int:
+        return self.shape.numel() // self.shape[-1] if len(self.shape) else 0
 
     def quantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(q [M, K] int8|fp8, scale [M, 1] float32) of x viewed as [M, K], computed on first use."""
@@ -168,6 +182,15 @@ def _quantized(a: Activation, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     return a.quantized(dtype) if isinstance(a, QuantizedActivation) else quantize_activation(a, dtype)
 
 
+def _rows(a: Activation) -> int:
+    return a.rows if isinstance(a, QuantizedActivation) else a.shape[0]
+
+
+def _gemm_out_dtype(a: Activation) -> torch.dtype:
+    """What the fp8/sgl kernels write: they only produce 16-bit floats, so fp32 activations get bf16, cast after."""
+    return a.dtype if a.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
 # ----------------------------------------------------------------------------------------------- backends
 
 
@@ -177,50 +200,42 @@ def _run_dequant(a, weight, scale, bias):
     return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
 
 
-def _out_dtype(x2d: torch.Tensor) -> torch.dtype:
-    return x2d.dtype if x2d.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-
-
 def _run_int_mm(a, weight, scale, bias):
-    x2d = _plain(a)
-    if x2d.shape[0] < _MIN_ROWS["int_mm"]:
-        return _run_dequant(x2d, weight, scale, bias)
+    if _rows(a) < _MIN_ROWS["int_mm"]:
+        return _run_dequant(a, weight, scale, bias)
     q, xs = _quantized(a, torch.int8)
     acc = torch._int_mm(q, weight.t())
     y = acc.to(torch.float32).mul_(xs).mul_(scale.reshape(1, -1).to(torch.float32))
     if bias is not None:
         y.add_(bias.to(torch.float32))
-    return y.to(x2d.dtype)
+    return y.to(a.dtype)
 
 
 def _run_triton_int8(a, weight, scale, bias):
     from wanpack.runtime.ops import triton_kernels
 
-    x2d = _plain(a)
     q, xs = _quantized(a, torch.int8)
-    return triton_kernels.int8_gemm(q, xs, weight, scale, bias, x2d.dtype)
+    return triton_kernels.int8_gemm(q, xs, weight, scale, bias, a.dtype)
 
 
 def _run_scaled_mm(a, weight, scale, bias):
-    x2d = _plain(a)
     q, xs = _quantized(a, torch.float8_e4m3fn)
-    out_dtype = _out_dtype(x2d)
+    out_dtype = _gemm_out_dtype(a)
     y = torch._scaled_mm(q, weight.t(), scale_a=xs, scale_b=scale.reshape(1, -1).to(torch.float32),
                          bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
-                         use_fast_accum=FP8_FAST_ACCUM and x2d.is_cuda)  # fmt: skip
-    return y.to(x2d.dtype)
+                         use_fast_accum=FP8_FAST_ACCUM and q.is_cuda)  # fmt: skip
+    return y.to(a.dtype)
 
 
 def _run_sgl(a, weight, scale, bias):
     import sgl_kernel
 
-    x2d = _plain(a)
     q, xs = _quantized(a, weight.dtype)
-    out_dtype = _out_dtype(x2d)
+    out_dtype = _gemm_out_dtype(a)
     fn = sgl_kernel.int8_scaled_mm if weight.dtype == torch.int8 else sgl_kernel.fp8_scaled_mm
     y = fn(q, weight.t(), xs, scale.reshape(-1).to(torch.float32), out_dtype,
            None if bias is None else bias.to(out_dtype))  # fmt: skip
-    return y.to(x2d.dtype)
+    return y.to(a.dtype)
 
 
 _INT8, _FP8 = torch.int8, torch.float8_e4m3fn
@@ -307,15 +322,27 @@ def linear(x: Activation, weight: torch.Tensor, bias: torch.Tensor | None = None
     Shapes: x [..., in] (a tensor or a QuantizedActivation of one), weight [out, in], scale [out, 1] float32
     (quantized weights only), bias [out]. Returns [..., out] in x's dtype.
     """
-    wrapped = x if isinstance(x, QuantizedActivation) else None
-    x = wrapped.x if wrapped is not None else x
+    lead, dtype, device = x.shape[:-1], x.dtype, x.device
     if scale is None or weight.dtype not in QMAX:
-        w = weight.to(x.dtype) if scale is None else (weight.float() * scale.float()).to(x.dtype)
-        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-    lead = x.shape[:-1]
-    a = wrapped if wrapped is not None else x.reshape(-1, x.shape[-1])
-    y = gemm_backend(weight.dtype, x.device).run(a, weight, scale, bias)
+        plain = x.x if isinstance(x, QuantizedActivation) else x
+        if plain is None:
+            raise RuntimeError("float weights need the plain activation, but it was kept only in quantized form")
+        w = weight.to(dtype) if scale is None else (weight.float() * scale.float()).to(dtype)
+        return torch.nn.functional.linear(plain, w, None if bias is None else bias.to(dtype))
+    a = x if isinstance(x, QuantizedActivation) else x.reshape(-1, x.shape[-1])
+    y = gemm_backend(weight.dtype, device).run(a, weight, scale, bias)
     return y.reshape(*lead, weight.shape[0])
+
+
+def reads_quantized_only(weight_dtype: torch.dtype, device: torch.device | str, rows: int) -> bool:
+    """Whether a linear with ``weight_dtype`` weights on ``device`` reads only the per-token quantized copy of an
+    input of ``rows`` tokens (so a fused producer may skip writing the plain activation)."""
+    if weight_dtype not in QMAX:
+        return False
+    backend = gemm_backend(weight_dtype, device)
+    if backend.name == "dequant":
+        return False
+    return not (backend.name == "int_mm" and rows < _MIN_ROWS["int_mm"])
 
 
 def describe_gemm(device: torch.device | str) -> dict[str, str]:

@@ -59,16 +59,18 @@ def layer_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype, hi: torch.dt
 def layer_norm_quantized(x: torch.Tensor, eps: float, out_dtype: torch.dtype, hi: torch.dtype,
                          qdtype: torch.dtype | None, *, shift: torch.Tensor | None = None,
                          scale: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                         bias: torch.Tensor | None = None) -> QuantizedActivation:  # fmt: skip
+                         bias: torch.Tensor | None = None, keep_plain: bool = True) -> QuantizedActivation:  # fmt: skip
     """:func:`layer_norm` wrapped for linears; with ``qdtype`` (int8 | float8_e4m3fn) the fused kernel also writes the
-    per-token quantized copy (equal to quantize_activation of the output). Without the kernel the copy is made lazily
-    by the first W8A8 linear, exactly as for a plain tensor. x [B, L, C] -> wraps [B, L, C] in out_dtype."""
+    per-token quantized copy (equal to quantize_activation of the output), and with ``keep_plain=False`` only that
+    copy (for consumers that read nothing else). Without the kernel the copy is made lazily by the first W8A8
+    linear, exactly as for a plain tensor. x [B, L, C] -> wraps [B, L, C] in out_dtype."""
     if qdtype is not None and out_dtype in (torch.bfloat16, torch.float16) and _fused(x, hi) \
             and fused_norm_quant(x.device):  # fmt: skip
         from wanpack.runtime.ops import triton_kernels
 
-        out, q, qs = triton_kernels.layer_norm_quant(x, eps, out_dtype, qdtype, shift, scale, weight, bias)
-        return QuantizedActivation(out, {qdtype: (q, qs)})
+        out, q, qs = triton_kernels.layer_norm_quant(x, eps, out_dtype, qdtype, shift, scale, weight, bias,
+                                                     write_out=keep_plain)  # fmt: skip
+        return QuantizedActivation(out, {qdtype: (q, qs)}, shape=x.shape, dtype=out_dtype)
     return QuantizedActivation(layer_norm(x, eps, out_dtype, hi, shift=shift, scale=scale, weight=weight, bias=bias))
 
 
@@ -172,6 +174,9 @@ def _self_check_quant(device: torch.device) -> bool:
                 out, q, qs = triton_kernels.layer_norm_quant(x[:, 3:], 1e-6, torch.bfloat16, qdtype, **kw)
                 ref = triton_kernels.layer_norm(x[:, 3:], 1e-6, torch.bfloat16, **kw)
                 rq, rs = quantize_activation(ref.reshape(-1, 320), qdtype)
+                none, q2, qs2 = triton_kernels.layer_norm_quant(x[:, 3:], 1e-6, torch.bfloat16, qdtype, **kw,
+                                                                write_out=False)  # fmt: skip
+                ok &= none is None and torch.equal(qs2, rs) and torch.equal(q2.view(torch.uint8), rq.view(torch.uint8))
                 ok &= torch.equal(out, ref) and torch.equal(qs, rs) and torch.equal(q.view(torch.uint8),
                                                                                      rq.view(torch.uint8))  # fmt: skip
         if not ok:

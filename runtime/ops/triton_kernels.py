@@ -14,6 +14,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Hopper-leaning tile shapes; autotuned once per (N, K, M bucket). BLOCK_K divides both 5120 and 13824.
 _GEMM_CONFIGS = [
@@ -32,17 +33,24 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.cons
     offs = tl.arange(0, BLOCK)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)
-    # IEEE-rounded divisions (Triton's plain '/' may be approximate) so q and scale match torch bit for bit
-    scale = tl.div_rn(amax, QMAX)
-    y = tl.div_rn(x, tl.where(amax > 0, scale, 1.0))
+    _quantize_row(x, mask, q_ptr + row * stride_q + offs, s_ptr + row, QMAX, IS_INT8)
+
+
+@triton.jit
+def _quantize_row(y, mask, q_ptrs, s_ptr, QMAX: tl.constexpr, IS_INT8: tl.constexpr):
+    """Quantize one fp32 row held in registers and store q and its scale; every quantizing kernel ends here, so
+    they agree bit for bit. IEEE-rounded divisions (Triton's plain '/' may be approximate) match torch's."""
+    y = tl.where(mask, y, 0.0)
+    amax = tl.max(tl.abs(y), axis=0)
+    qscale = tl.div_rn(amax, QMAX)
+    yq = tl.div_rn(y, tl.where(amax > 0, qscale, 1.0))
     if IS_INT8:
-        # round half away from zero, then truncate; |y| <= 127 so no clamp is needed
-        q = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
+        # round half away from zero, then truncate; |yq| <= 127 so no clamp is needed
+        q = tl.where(yq >= 0, yq + 0.5, yq - 0.5).to(tl.int8)
     else:
-        q = tl.minimum(tl.maximum(y, -QMAX), QMAX).to(tl.float8e4nv)
-    tl.store(q_ptr + row * stride_q + offs, q, mask=mask)
-    tl.store(s_ptr + row, scale)
+        q = tl.minimum(tl.maximum(yq, -QMAX), QMAX).to(tl.float8e4nv)
+    tl.store(q_ptrs, q, mask=mask)
+    tl.store(s_ptr, qscale)
 
 
 def quantize_rows(x2d: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +114,9 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K: tl
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# torch's CUDA kernels are built with nvcc's default --fmad=true (a*b+c contracted to fma); the GELU kernel must
+# contract the same way to match them, whatever Triton's default becomes (3.9 warns it will change)
+_FP_FUSION = {} if _INTERPRET else {"enable_fp_fusion": True}
 _tuned_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K"])(_int8_gemm_kernel)
 
 
@@ -185,12 +196,13 @@ def rms_rope(y: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, si
 @triton.jit
 def _mod_ln_kernel(x_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr, q_ptr, s_ptr, L, stride_xb, stride_xl,
                    stride_mb, stride_o, stride_q, eps, C: tl.constexpr, MODULATE: tl.constexpr, AFFINE: tl.constexpr,
-                   QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
+                   QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, WRITE_OUT: tl.constexpr,
                    BLOCK: tl.constexpr):  # fmt: skip
     """One program per token: LayerNorm over C in fp32, then * (1 + scale) + shift (per batch) or the affine.
 
-    With QUANT the row is also quantized per token from the value just stored (rounded to out's dtype), with the
-    same arithmetic as _quant_rows_kernel, so q and scale equal quantize_rows(out) and the GEMM skips that pass.
+    With QUANT the row is also quantized per token from the value rounded to out's dtype, with the same arithmetic
+    as _quant_rows_kernel, so q and scale equal quantize_rows(out) and the GEMM skips that pass. WRITE_OUT=False
+    skips storing out itself (every consumer reads q).
     """
     row = tl.program_id(0).to(tl.int64)
     bi = row // L
@@ -209,26 +221,19 @@ def _mod_ln_kernel(x_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr, q_ptr,
         y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = y + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     yo = y.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * stride_o + offs, yo, mask=mask)
+    if WRITE_OUT:
+        tl.store(out_ptr + row * stride_o + offs, yo, mask=mask)
     if QUANT:
-        yr = tl.where(mask, yo.to(tl.float32), 0.0)
-        amax = tl.max(tl.abs(yr), axis=0)
-        qscale = tl.div_rn(amax, QMAX)
-        yq = tl.div_rn(yr, tl.where(amax > 0, qscale, 1.0))
-        if IS_INT8:
-            q = tl.where(yq >= 0, yq + 0.5, yq - 0.5).to(tl.int8)
-        else:
-            q = tl.minimum(tl.maximum(yq, -QMAX), QMAX).to(tl.float8e4nv)
-        tl.store(q_ptr + row * stride_q + offs, q, mask=mask)
-        tl.store(s_ptr + row, qscale)
+        _quantize_row(yo.to(tl.float32), mask, q_ptr + row * stride_q + offs, s_ptr + row, QMAX, IS_INT8)
 
 
-def _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype):
+def _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype, write_out=True):
     b, n, c = x.shape
     if x.stride(2) != 1:
         x = x.contiguous()
-    out = torch.empty((b * n, c), dtype=out_dtype, device=x.device)
     quant = qdtype is not None
+    write_out = write_out or not quant
+    out = torch.empty((b * n, c) if write_out else (1, c), dtype=out_dtype, device=x.device)
     q = torch.empty((b * n, c), dtype=qdtype, device=x.device) if quant else out
     qs = torch.empty((b * n, 1), dtype=torch.float32, device=x.device) if quant else out
     modulate = shift is not None
@@ -241,8 +246,9 @@ def _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype):
                              n, x.stride(0), x.stride(1), c if modulate else 0, out.stride(0), q.stride(0), eps, C=c,
                              MODULATE=modulate, AFFINE=weight is not None, QUANT=quant,
                              QMAX=127.0 if qdtype == torch.int8 else 448.0, IS_INT8=qdtype == torch.int8,
-                             BLOCK=triton.next_power_of_2(c), num_warps=8 if c >= 4096 else 4)  # fmt: skip
-    return out.view(b, n, c), q, qs
+                             WRITE_OUT=write_out, BLOCK=triton.next_power_of_2(c),
+                             num_warps=8 if c >= 4096 else 4)  # fmt: skip
+    return (out.view(b, n, c) if write_out else None), q, qs
 
 
 def layer_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype, shift: torch.Tensor | None = None,
@@ -257,11 +263,62 @@ def layer_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype, shift: torch
 
 def layer_norm_quant(x: torch.Tensor, eps: float, out_dtype: torch.dtype, qdtype: torch.dtype,
                      shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                     weight: torch.Tensor | None = None,
-                     bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                     weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                     write_out: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:  # fmt: skip
     """:func:`layer_norm` that also quantizes its output per token in the same pass.
 
-    Returns (out [B, L, C] out_dtype, q [B*L, C] qdtype (int8 | float8_e4m3fn), scale [B*L, 1] float32), where
-    (q, scale) == quantize_rows(out.reshape(-1, C)).
+    Returns (out [B, L, C] out_dtype or None without write_out, q [B*L, C] qdtype (int8 | float8_e4m3fn),
+    scale [B*L, 1] float32), where (q, scale) == quantize_rows(out.reshape(-1, C)).
     """
-    return _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype)
+    return _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype, write_out)
+
+
+# The tanh-approximated GELU exactly as torch's CUDA kernel writes it (opmath fp32): its constants rounded to fp32.
+_GELU_BETA = 0.7978845608028654  # sqrt(2) * (2 / sqrt(pi)) * 0.5
+_GELU_KAPPA = 0.044715
+
+
+@triton.jit
+def _tanh(u, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.tanh(u)  # the CUDA math library's tanhf, which torch's kernel calls
+    else:  # the interpreter has no libdevice
+        return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
+
+
+@triton.jit
+def _gelu_quant_kernel(h_ptr, out_ptr, q_ptr, s_ptr, N, stride_h, stride_o, stride_q, BETA: tl.constexpr,
+                       KAPPA: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, WRITE_OUT: tl.constexpr,
+                       LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One program per row: g = GELU_tanh(h) rounded to out's dtype, then g quantized per token (q, scale) exactly
+    as _quant_rows_kernel would quantize g; g itself is stored only with WRITE_OUT."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
+    inner = BETA * (x + KAPPA * (x * x * x))
+    g = (0.5 * x * (1.0 + _tanh(inner, LIBDEVICE))).to(out_ptr.dtype.element_ty)
+    if WRITE_OUT:
+        tl.store(out_ptr + row * stride_o + offs, g, mask=mask)
+    _quantize_row(g.to(tl.float32), mask, q_ptr + row * stride_q + offs, s_ptr + row, QMAX, IS_INT8)
+
+
+def gelu_tanh_quant(h: torch.Tensor, qdtype: torch.dtype,
+                    write_out: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """h [..., N] bf16/fp16 -> (GELU_tanh(h) [..., N] in h's dtype or None without write_out, q [M, N] qdtype,
+    scale [M, 1] float32), where (q, scale) == quantize_rows(GELU_tanh(h)) and M is the number of rows of h."""
+    n = h.shape[-1]
+    h2 = h.reshape(-1, n)
+    if h2.stride(1) != 1:
+        h2 = h2.contiguous()
+    m = h2.shape[0]
+    out = torch.empty((m, n) if write_out else (1, n), dtype=h.dtype, device=h.device)
+    q = torch.empty((m, n), dtype=qdtype, device=h.device)
+    qs = torch.empty((m, 1), dtype=torch.float32, device=h.device)
+    block = triton.next_power_of_2(n)
+    _gelu_quant_kernel[(m,)](h2, out, q, qs, n, h2.stride(0), out.stride(0), q.stride(0), BETA=_GELU_BETA,
+                             KAPPA=_GELU_KAPPA, QMAX=127.0 if qdtype == torch.int8 else 448.0,
+                             IS_INT8=qdtype == torch.int8, WRITE_OUT=write_out, LIBDEVICE=not _INTERPRET,
+                             BLOCK=block, num_warps=16 if block >= 16384 else 8 if block >= 4096 else 4,
+                             **_FP_FUSION)  # fmt: skip
+    return (out.view(h.shape) if write_out else None), q, qs
