@@ -148,12 +148,13 @@ def test_fused_norms_match_torch_at_14b_width():
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
-def test_fused_norm_quantize_is_exact_at_14b_width(scheme):
-    """The quantizing LayerNorm kernel's q and scale equal quantize_activation (and the torch quantizer) of its output,
-    bit for bit, at the 14B width; fp8 here uses the hardware e4m3 cast the interpreter cannot reproduce."""
+def test_fused_norm_quantize_at_14b_width(scheme):
+    """The quantizing LayerNorm kernel at the 14B width: q and scale equal quantize_activation (and the torch
+    quantizer) of its own output bit for bit, with and without that output stored; the output within close_16bit of
+    the plain kernel's. fp8 here uses the hardware e4m3 cast the interpreter cannot reproduce."""
     from wanpack.runtime.ops import norms, triton_kernels
 
-    assert norms.fused_norm_quant(DEV)  # the self-check passed on this GPU
+    assert norms.fused_norm_quant(DEV, 5120)  # the self-check passed on this GPU
     gen = torch.Generator(device=DEV).manual_seed(3)
     x = 4 * torch.randn(2, 1000, 5120, device=DEV, generator=gen)
     x[..., 7] *= 50  # outlier channel
@@ -161,73 +162,52 @@ def test_fused_norm_quantize_is_exact_at_14b_width(scheme):
     qdtype = lin.QUANT_DTYPES[scheme]
     out, q, s = triton_kernels.layer_norm_quant(x[:, 17:], 1e-6, torch.bfloat16, qdtype, shift, scale)
     ref = triton_kernels.layer_norm(x[:, 17:], 1e-6, torch.bfloat16, shift, scale)
-    assert torch.equal(out, ref)
-    for rq, rs in (lin.quantize_activation(ref.reshape(-1, 5120), qdtype),
-                   lin.quantize_activation_torch(ref.reshape(-1, 5120), qdtype)):
+    assert norms.close_16bit(out, ref)
+    print(f"{scheme}: LN outputs differing from the plain kernel: {(out != ref).float().mean().item():.2e}")
+    for rq, rs in (lin.quantize_activation(out.reshape(-1, 5120), qdtype),
+                   lin.quantize_activation_torch(out.reshape(-1, 5120), qdtype)):  # fmt: skip
         assert torch.equal(s, rs)
         assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
-
-
-@pytest.mark.parametrize("scheme", ["int8", "fp8"])
-def test_fused_gelu_quantize_at_ffn_width(scheme):
-    """The GELU+quantize kernel at the 14B FFN width: GELU within gelu_close of torch's (bit-exact is reported),
-    q and scale exactly quantize_activation of its own output, the quantized-only variant identical."""
-    import torch.nn.functional as F
-
-    from wanpack.runtime.ops import activations, triton_kernels
-
-    assert activations.fused_gelu_quant(DEV)  # the self-check passed on this GPU
-    print(f"GELU bit-exact vs torch: {activations.gelu_matches_torch_exactly(DEV)}")
-    gen = torch.Generator(device=DEV).manual_seed(6)
-    h = (3 * torch.randn(1500, 13824, device=DEV, generator=gen)).to(torch.bfloat16)
-    h[:, 11] *= 30  # outlier channel
-    h[5] = 0
-    qdtype = lin.QUANT_DTYPES[scheme]
-    out, q, s = triton_kernels.gelu_tanh_quant(h, qdtype)
-    ref = F.gelu(h, approximate="tanh")
-    assert activations.gelu_close(out, ref)
-    print(f"{scheme}: elements differing from F.gelu: {(out != ref).sum().item()} of {ref.numel()}")
-    rq, rs = lin.quantize_activation(out, qdtype)
-    assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
-    assert s[5].item() == 0
-    _, q2, s2 = triton_kernels.gelu_tanh_quant(h, qdtype, write_out=False)
+    _, q2, s2 = triton_kernels.layer_norm_quant(x[:, 17:], 1e-6, torch.bfloat16, qdtype, shift, scale, write_out=False)
     assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, s)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
-def test_fused_producers_block_matches_unfused(scheme, monkeypatch):
-    """A 14B block with the fused LayerNorm+quantize and GELU+quantize kernels (and 16-bit outputs skipped) against
-    the unfused wrapper path and the plain-tensor path: bit-exact when the GELU matched torch bit for bit, else
-    within the noise a 1-ulp GELU difference can make (stated bound)."""
-    from wanpack.runtime.ops import activations, norms
+def test_fused_norm_quantize_block_is_as_accurate_as_unfused(scheme, monkeypatch):
+    """A 14B block with the fused LayerNorm+quantize (16-bit outputs skipped) against the unfused path, both
+    measured against fp32. They are not bit-identical: the fused kernel's sums round differently in ~1e-5 of the
+    LayerNorm outputs, a few codes in a million move, and this random block's attention (near one-hot softmax)
+    amplifies that to ~1% of the update. What must hold: the fused block is as accurate as the unfused one
+    (error vs fp32 within 10% of it) and the unfused wrapper path equals the plain-tensor path exactly."""
+    from wanpack.runtime.ops import norms
 
+    torch.backends.cuda.matmul.allow_tf32 = False
     cfg = dit_config("wan2.1-t2v-14b", layers=1)
     grid = (4, 16, 32)  # 2048 tokens, two chunks
     gen = torch.Generator(device=DEV).manual_seed(4)
     x = torch.randn(1, 2048, cfg.dim, device=DEV, generator=gen)
     e0 = 0.3 * torch.randn(1, 6, cfg.dim, device=DEV, generator=gen)
-    ctx = torch.randn(1, cfg.text_len, cfg.dim, device=DEV, generator=gen, dtype=torch.bfloat16)
-    opts = dit.DiTOptions(dtype=torch.bfloat16, chunk_tokens=1024)
+    ctx = torch.randn(1, cfg.text_len, cfg.dim, device=DEV, generator=gen)
     rope = dit.rope_tables(grid, cfg.head_dim, device=DEV)
+    f32 = dit.DiTOptions(dtype=torch.float32, chunk_tokens=1024)
+    w32 = _block(cfg, "fp32")
+    ref = dit.block_forward(w32, x.clone(), e0, rope, dit.cross_kv(w32, ctx, cfg, f32), cfg, f32) - x
+    del w32
+    opts = dit.DiTOptions(dtype=torch.bfloat16, chunk_tokens=1024)
     w = _block(cfg, scheme)
-    assert dit._input_quant_dtype(w, ("self_attn.k", "self_attn.v"), x.device) == lin.QUANT_DTYPES[scheme]
-    assert dit._quantized_only(w, ("ffn.2",), lin.QUANT_DTYPES[scheme], x.device, 1024)
-    assert norms.fused_norm_quant(DEV) and activations.fused_gelu_quant(DEV)
-    kv = dit.cross_kv(w, ctx, cfg, opts)
+    assert dit._quantized_only(w, ("self_attn.k", "self_attn.v"), lin.QUANT_DTYPES[scheme], x.device, 1024)
+    assert norms.fused_norm_quant(DEV, cfg.dim)
+    kv = dit.cross_kv(w, ctx.bfloat16(), cfg, opts)
     fused = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts) - x
-    monkeypatch.setattr(norms, "fused_norm_quant", lambda device: False)
-    monkeypatch.setattr(activations, "fused_gelu_quant", lambda device: False)
+    monkeypatch.setattr(norms, "fused_norm_quant", lambda device, width: False)
     unfused = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts) - x
     monkeypatch.setattr(dit, "_norm_for", lambda w, names, x, eps, opts, **kw: norms.layer_norm(
         x, eps, opts.dtype, opts.hi, **kw))  # fmt: skip
-    monkeypatch.setattr(dit, "_gelu_for", lambda w, name, h: torch.nn.functional.gelu(h, approximate="tanh"))
     plain = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts) - x
     assert torch.isfinite(fused).all()
     assert torch.equal(unfused, plain)
-    rel = ((fused - unfused).norm() / unfused.norm()).item()
-    print(f"{scheme}: fused vs unfused block update rel diff {rel:.3g}")
-    if activations.gelu_matches_torch_exactly(DEV):
-        assert torch.equal(fused, unfused)
-    else:
-        assert rel < 2e-3  # a few FFN inputs one code apart; the scheme's own error vs fp32 is 10-30x larger
-
+    err_fused = ((fused - ref).norm() / ref.norm()).item()
+    err_unfused = ((unfused - ref).norm() / ref.norm()).item()
+    diff = ((fused - unfused).norm() / unfused.norm()).item()
+    print(f"{scheme}: rel err vs fp32 fused {err_fused:.4f} unfused {err_unfused:.4f}; fused vs unfused {diff:.3g}")
+    assert err_fused <= 1.1 * err_unfused

@@ -26,7 +26,6 @@ from wanpack.errors import UsageError
 from wanpack.manifests.arch import DiTConfig
 from wanpack.runtime.models.rope import rope_tables
 from wanpack.runtime.models.weight_dict import apply_linear, block_view, need
-from wanpack.runtime.ops.activations import gelu_tanh_quantized
 from wanpack.runtime.ops.attention import attention
 from wanpack.runtime.ops.linear import QMAX, Activation, QuantizedActivation, gemm_backend, reads_quantized_only
 from wanpack.runtime.ops.norms import layer_norm, layer_norm_quantized, rms_norm_rope
@@ -114,13 +113,6 @@ def _modulated_norm_for(w: Weights, names: tuple[str, ...], x: torch.Tensor, shi
                         scale: torch.Tensor, eps: float, opts: DiTOptions) -> QuantizedActivation:  # fmt: skip
     """:func:`_modulated_norm` as the shared input of the linears ``names`` (see :func:`_norm_for`)."""
     return _norm_for(w, names, x, eps, opts, shift=shift, scale=scale)
-
-
-def _gelu_for(w: Weights, name: str, h: torch.Tensor) -> QuantizedActivation:
-    """GELU(tanh) of the FFN hidden activation as the input of linear ``name``; fused with its quantizer on CUDA."""
-    qdtype = _input_quant_dtype(w, (name,), h.device)
-    keep = not _quantized_only(w, (name,), qdtype, h.device, h.shape[:-1].numel())
-    return gelu_tanh_quantized(h, qdtype, keep_plain=keep)
 
 
 def _qk_norm(y: torch.Tensor, weight: torch.Tensor, cfg: DiTConfig, opts: DiTOptions,
@@ -287,11 +279,9 @@ def ffn_phase(w: Weights, x: torch.Tensor, mod: Modulation, cfg: DiTConfig, opts
     shift, scale, gate = mod[3], mod[4], mod[5]
     for s in _chunks(x.shape[1], opts.chunk_tokens):
         xn = _modulated_norm_for(w, ("ffn.0",), x[:, s], shift, scale, cfg.eps, opts)
-        h = _lin(w, "ffn.0", xn)
+        h = F.gelu(_lin(w, "ffn.0", xn), approximate="tanh")
         del xn
-        g = _gelu_for(w, "ffn.2", h)
-        del h
-        _add_residual(x[:, s], _lin(w, "ffn.2", g), gate)
+        _add_residual(x[:, s], _lin(w, "ffn.2", h), gate)
 
 
 def block_forward(w: Weights, x: torch.Tensor, e0: torch.Tensor, rope, kv: CrossKV, cfg: DiTConfig,

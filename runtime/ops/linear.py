@@ -85,7 +85,7 @@ def _int_mm_unavailable(device: torch.device) -> str | None:
 def quantize_activation(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric quantization: x2d [M, K] -> (q [M, K] int8|fp8, scale [M, 1] float32)."""
     scheme = "int8" if dtype == torch.int8 else "fp8"
-    if x2d.is_cuda and _has_module("triton") and _triton_quant_ok(x2d.device):
+    if x2d.is_cuda and _has_module("triton") and _triton_quant_ok(x2d.device, x2d.shape[-1]):
         from wanpack.runtime.ops import triton_kernels
 
         return triton_kernels.quantize_rows(x2d, scheme)
@@ -93,44 +93,55 @@ def quantize_activation(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Te
 
 
 def quantize_activation_torch(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference per-token quantizer (several passes; the Triton kernel does it in one)."""
+    """The reference per-token quantizer (several passes; the Triton kernels do it in one, to the same bits).
+
+    scale = absmax / qmax is what dequantizes; the codes are x * (qmax / absmax), one division per row and a multiply
+    per element (a zero row gets scale 0 and codes 0).
+    """
     qmax = QMAX[dtype]
     amax = x2d.abs().amax(dim=-1, keepdim=True).to(torch.float32)
-    # divide by a tensor, not a Python scalar: CUDA computes `t / scalar` as `t * (1 / scalar)`, up to 1 ulp off the
-    # IEEE quotient that the CPU kernel and the Triton kernel's div_rn give (and _triton_quant_ok then turns Triton off)
-    scale = amax / torch.full_like(amax, qmax)
-    y = x2d.to(torch.float32) / torch.where(amax > 0, scale, torch.ones_like(scale))
+    # divide tensors, not by a Python scalar: CUDA computes `t / scalar` as `t * (1 / scalar)`, up to 1 ulp off the
+    # IEEE quotient that the CPU kernel and the Triton kernels' div_rn give (and _triton_quant_ok then turns Triton off)
+    qmax_t = torch.full_like(amax, qmax)
+    scale = amax / qmax_t
+    inv = torch.where(amax > 0, qmax_t / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.zeros_like(amax))
+    y = x2d.to(torch.float32) * inv
     if dtype == torch.int8:
-        # round half away from zero, as the Triton kernel does
+        # round half away from zero, as the Triton kernels do
         q = (y + torch.where(y >= 0, 0.5, -0.5)).trunc_().to(torch.int8)
     else:
         q = y.clamp_(-qmax, qmax).to(dtype)
     return q, scale
 
 
-_QUANT_CHECKED: dict[torch.device, bool] = {}
+_QUANT_CHECKED: dict[tuple[torch.device, int], bool] = {}
 
 
-def _triton_quant_ok(device: torch.device) -> bool:
-    """Check the Triton quantizer once per device against the torch one; a mismatch (or crash) keeps torch ops."""
-    if device not in _QUANT_CHECKED:
+def _triton_quant_ok(device: torch.device, width: int) -> bool:
+    """Check the Triton quantizer once per (device, row width) against the torch one, bit for bit (each width is
+    its own compiled variant); a mismatch or a crash keeps torch ops for that width."""
+    key = (device, width)
+    if key not in _QUANT_CHECKED:
         ok = True
         try:
             from wanpack.runtime.ops import triton_kernels
 
             gen = torch.Generator(device=device).manual_seed(0)
-            x = torch.randn(64, 320, device=device, generator=gen, dtype=torch.bfloat16)
+            x = (3 * torch.randn(64, width, device=device, generator=gen)).to(torch.bfloat16)
+            x[:, width // 3] *= 40  # an outlier channel
             x[5] = 0
             for dtype, scheme in ((torch.int8, "int8"), (torch.float8_e4m3fn, "fp8")):
                 q, s = triton_kernels.quantize_rows(x, scheme)
                 rq, rs = quantize_activation_torch(x, dtype)
-                ok &= torch.equal(s, rs) and (q.float() - rq.float()).abs().max().item() <= (1.0 if dtype == torch.int8
-                                                                                                 else 0.0)  # fmt: skip
+                ok &= torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+            if not ok:
+                print(f"wanpack: triton quantizer differs from torch at width {width}; using torch ops",
+                      file=sys.stderr)  # fmt: skip
         except Exception as exc:  # a compile failure on an unusual GPU must not stop generation
             print(f"wanpack: triton quantizer failed its self-check ({exc!r}); using torch ops", file=sys.stderr)
             ok = False
-        _QUANT_CHECKED[device] = ok
-    return _QUANT_CHECKED[device]
+        _QUANT_CHECKED[key] = ok
+    return _QUANT_CHECKED[key]
 
 
 class QuantizedActivation:

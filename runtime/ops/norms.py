@@ -12,7 +12,8 @@ output back), handed on as a QuantizedActivation.
 In eager torch each is a chain of fp32 temporaries (about 100 bytes of traffic per element for RMS + RoPE, ~11 ms
 per 14B block at 480p on an H100); the Triton kernels read the input once and write the output once. The torch
 versions define the numbers: the kernels must match them (checked once per device; on a mismatch torch is used). The
-quantizing variant must equal layer_norm + quantize_activation bit for bit (also checked; else the unfused path).
+quantizing variant's codes must equal quantize_activation of its own output bit for bit, and that output must stay
+within close_16bit of the plain kernel's (checked once per width; else the unfused path).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from wanpack.runtime.ops.linear import QuantizedActivation, quantize_activation
 
 _fused_ok: dict[torch.device, bool] = {}
-_fused_quant_ok: dict[torch.device, bool] = {}
+_fused_quant_ok: dict[tuple[torch.device, int], bool] = {}
 
 
 def fused_norms(device: torch.device | str) -> bool:
@@ -65,7 +66,7 @@ def layer_norm_quantized(x: torch.Tensor, eps: float, out_dtype: torch.dtype, hi
     copy (for consumers that read nothing else). Without the kernel the copy is made lazily by the first W8A8
     linear, exactly as for a plain tensor. x [B, L, C] -> wraps [B, L, C] in out_dtype."""
     if qdtype is not None and out_dtype in (torch.bfloat16, torch.float16) and _fused(x, hi) \
-            and fused_norm_quant(x.device):  # fmt: skip
+            and fused_norm_quant(x.device, x.shape[-1]):  # fmt: skip
         from wanpack.runtime.ops import triton_kernels
 
         out, q, qs = triton_kernels.layer_norm_quant(x, eps, out_dtype, qdtype, shift, scale, weight, bias,
@@ -74,16 +75,17 @@ def layer_norm_quantized(x: torch.Tensor, eps: float, out_dtype: torch.dtype, hi
     return QuantizedActivation(layer_norm(x, eps, out_dtype, hi, shift=shift, scale=scale, weight=weight, bias=bias))
 
 
-def fused_norm_quant(device: torch.device | str) -> bool:
-    """Whether the LayerNorm kernel's quantizing variant is exact on ``device`` (checked once, like fused_norms)."""
+def fused_norm_quant(device: torch.device | str, width: int) -> bool:
+    """Whether the LayerNorm kernel's quantizing variant passes its self-check on ``device`` for rows of ``width``
+    (checked once per width: each width compiles to its own kernel, and only the real one proves anything)."""
     device = torch.device(device)
     if not fused_norms(device):
         return False
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _fused_quant_ok:
-        _fused_quant_ok[device] = _self_check_quant(device)
-    return _fused_quant_ok[device]
+    if (device, width) not in _fused_quant_ok:
+        _fused_quant_ok[(device, width)] = _self_check_quant(device, width)
+    return _fused_quant_ok[(device, width)]
 
 
 def layer_norm_torch(x, eps, out_dtype, hi, *, shift=None, scale=None, weight=None, bias=None) -> torch.Tensor:
@@ -153,8 +155,31 @@ def _self_check(device: torch.device) -> bool:
         return False
 
 
-def _self_check_quant(device: torch.device) -> bool:
-    """The quantizing LayerNorm against LayerNorm then quantize_activation, exactly: output, q bytes and scales.
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise distance in units in the last place between two same-dtype 16-bit float tensors (bit patterns
+    compared as sign-magnitude integers; +0 and -0 are 0 apart)."""
+    def ordered(t: torch.Tensor) -> torch.Tensor:
+        bits = t.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+def close_16bit(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Each element within one 16-bit ulp of ref, or within 2^-16 of its row's largest |ref|.
+
+    The second clause admits what a different summation order does to a LayerNorm: the mean moves by an fp32 ulp,
+    which shifts outputs near zero by many of their own (tiny) ulps but by far less than an int8 step (amax/127).
+    """
+    floor = 2.0**-16 * ref.float().abs().amax(dim=-1, keepdim=True)
+    near = (out.float() - ref.float()).abs() <= floor
+    return bool((near | (ulp_distance(out, ref) <= 1)).all())
+
+
+def _self_check_quant(device: torch.device, width: int) -> bool:
+    """The quantizing LayerNorm at ``width``: its q and scales exactly quantize_activation of its own output (with
+    and without storing that output), and the output itself close to the plain LayerNorm kernel's (close_16bit:
+    the compiler lays the two variants out differently, so their fp32 sums may round differently).
 
     Cases: modulated on a token-strided view with a row that normalizes to all zeros (scale 0), and the affine norm.
     """
@@ -162,9 +187,11 @@ def _self_check_quant(device: torch.device) -> bool:
         from wanpack.runtime.ops import triton_kernels
 
         gen = torch.Generator(device=device).manual_seed(1)
-        x = 3 * torch.randn(2, 37, 320, device=device, generator=gen)
-        shift, scale = (0.5 * torch.randn(2, 6, 320, device=device, generator=gen)).chunk(6, dim=1)[:2]
-        w, b = torch.randn(320, device=device, generator=gen), torch.randn(320, device=device, generator=gen)
+        x = 3 * torch.randn(2, 37, width, device=device, generator=gen)
+        x[..., width // 3] *= 30  # an outlier channel
+        shift, scale = (0.5 * torch.randn(2, 6, width, device=device, generator=gen)).chunk(6, dim=1)[:2]
+        w = torch.randn(width, device=device, generator=gen)
+        b = torch.randn(width, device=device, generator=gen)
         x[1, 9] = 1.0  # a constant row normalizes to zeros; with no shift it stays zero
         shift[1] = 0.0
         cases = [dict(shift=shift, scale=scale), dict(weight=w, bias=b)]
@@ -172,15 +199,15 @@ def _self_check_quant(device: torch.device) -> bool:
         for qdtype in (torch.int8, torch.float8_e4m3fn):
             for kw in cases:
                 out, q, qs = triton_kernels.layer_norm_quant(x[:, 3:], 1e-6, torch.bfloat16, qdtype, **kw)
-                ref = triton_kernels.layer_norm(x[:, 3:], 1e-6, torch.bfloat16, **kw)
-                rq, rs = quantize_activation(ref.reshape(-1, 320), qdtype)
+                rq, rs = quantize_activation(out.reshape(-1, width), qdtype)
+                ok &= torch.equal(qs, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
                 none, q2, qs2 = triton_kernels.layer_norm_quant(x[:, 3:], 1e-6, torch.bfloat16, qdtype, **kw,
                                                                 write_out=False)  # fmt: skip
                 ok &= none is None and torch.equal(qs2, rs) and torch.equal(q2.view(torch.uint8), rq.view(torch.uint8))
-                ok &= torch.equal(out, ref) and torch.equal(qs, rs) and torch.equal(q.view(torch.uint8),
-                                                                                     rq.view(torch.uint8))  # fmt: skip
+                ok &= close_16bit(out, triton_kernels.layer_norm(x[:, 3:], 1e-6, torch.bfloat16, **kw))
         if not ok:
-            print("wanpack: fused norm+quantize kernel failed its self-check; quantizing separately", file=sys.stderr)
+            print(f"wanpack: fused norm+quantize kernel failed its self-check at width {width}; quantizing "
+                  "separately", file=sys.stderr)  # fmt: skip
         return ok
     except Exception as exc:
         print(f"wanpack: fused norm+quantize kernel failed its self-check ({exc!r}); quantizing separately",

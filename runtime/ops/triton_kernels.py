@@ -14,38 +14,58 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 # Hopper-leaning tile shapes; autotuned once per (N, K, M bucket). BLOCK_K divides both 5120 and 13824.
+# (The deeper-pipelined variants were added after the first H100 run; the autotuner keeps whichever is fastest.)
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
     triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=5, num_warps=8),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=5, num_warps=8),
 ]
 
 
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
-                       BLOCK: tl.constexpr):  # fmt: skip
-    """One program per row: absmax -> scale = absmax / QMAX -> q = x / scale (a zero row gets scale 0, q 0)."""
+                       NATIVE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One program per row: absmax -> scale = absmax / QMAX, q = x * (QMAX / absmax) (a zero row: scale 0, q 0)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    _quantize_row(x, mask, q_ptr + row * stride_q + offs, s_ptr + row, QMAX, IS_INT8)
+    _quantize_row(x, mask, q_ptr + row * stride_q + offs, s_ptr + row, QMAX, IS_INT8, NATIVE)
 
 
 @triton.jit
-def _quantize_row(y, mask, q_ptrs, s_ptr, QMAX: tl.constexpr, IS_INT8: tl.constexpr):
+def _mul_rn(a, b, NATIVE: tl.constexpr):
+    """a * b rounded once to fp32 and never contracted into an fma with a following add (torch runs them as
+    separate kernels, so each rounds on its own). PTX's mul.rn is exempt from contraction; written out because
+    libdevice's mul_rn flushes subnormals (mul.rn.ftz) and torch does not. The interpreter runs numpy, which
+    does not contract."""
+    if NATIVE:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
+    else:
+        return a * b
+
+
+@triton.jit
+def _quantize_row(y, mask, q_ptrs, s_ptr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, NATIVE: tl.constexpr):
     """Quantize one fp32 row held in registers and store q and its scale; every quantizing kernel ends here, so
-    they agree bit for bit. IEEE-rounded divisions (Triton's plain '/' may be approximate) match torch's."""
+    they agree bit for bit with each other and with quantize_activation_torch. One IEEE division per row (Triton's
+    plain '/' may be approximate), then a multiply per element: a division per element made these kernels
+    compute-bound (measured 1.2-1.4 TB/s instead of ~3 on an H100)."""
     y = tl.where(mask, y, 0.0)
     amax = tl.max(tl.abs(y), axis=0)
     qscale = tl.div_rn(amax, QMAX)
-    yq = tl.div_rn(y, tl.where(amax > 0, qscale, 1.0))
+    inv = tl.where(amax > 0, tl.div_rn(QMAX, amax), 0.0)
+    yq = _mul_rn(y, inv, NATIVE)
     if IS_INT8:
-        # round half away from zero, then truncate; |yq| <= 127 so no clamp is needed
+        # round half away from zero, then truncate; |yq| <= 127 (+ rounding) so no clamp is needed
         q = tl.where(yq >= 0, yq + 0.5, yq - 0.5).to(tl.int8)
     else:
         q = tl.minimum(tl.maximum(yq, -QMAX), QMAX).to(tl.float8e4nv)
@@ -64,7 +84,7 @@ def quantize_rows(x2d: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.T
     block = triton.next_power_of_2(k)
     warps = 8 if block >= 4096 else 4
     _quant_rows_kernel[(m,)](x2d, q, scale, k, x2d.stride(0), q.stride(0), QMAX=127.0 if scheme == "int8" else 448.0,
-                             IS_INT8=scheme == "int8", BLOCK=block, num_warps=warps)  # fmt: skip
+                             IS_INT8=scheme == "int8", NATIVE=not _INTERPRET, BLOCK=block, num_warps=warps)  # fmt: skip
     return q, scale
 
 
@@ -114,9 +134,6 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K: tl
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# torch's CUDA kernels are built with nvcc's default --fmad=true (a*b+c contracted to fma); the GELU kernel must
-# contract the same way to match them, whatever Triton's default becomes (3.9 warns it will change)
-_FP_FUSION = {} if _INTERPRET else {"enable_fp_fusion": True}
 _tuned_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K"])(_int8_gemm_kernel)
 
 
@@ -197,7 +214,7 @@ def rms_rope(y: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, si
 def _mod_ln_kernel(x_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr, q_ptr, s_ptr, L, stride_xb, stride_xl,
                    stride_mb, stride_o, stride_q, eps, C: tl.constexpr, MODULATE: tl.constexpr, AFFINE: tl.constexpr,
                    QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, WRITE_OUT: tl.constexpr,
-                   BLOCK: tl.constexpr):  # fmt: skip
+                   NATIVE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """One program per token: LayerNorm over C in fp32, then * (1 + scale) + shift (per batch) or the affine.
 
     With QUANT the row is also quantized per token from the value rounded to out's dtype, with the same arithmetic
@@ -209,22 +226,24 @@ def _mod_ln_kernel(x_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr, q_ptr,
     offs = tl.arange(0, BLOCK)
     mask = offs < C
     x = tl.load(x_ptr + bi * stride_xb + (row % L) * stride_xl + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / C
+    # explicit roundings (IEEE scalar divisions, one multiply, explicit fmas) so that every variant of this kernel
+    # computes the same bits: left to the compiler, '/' became different approximate sequences with and without QUANT
+    mean = tl.div_rn(tl.sum(x, axis=0), C)
     d = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(d * d, axis=0) / C
-    y = d / tl.sqrt_rn(var + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(d * d, axis=0), C) + eps))
+    y = _mul_rn(d, rstd, NATIVE)
     if MODULATE:
         sc = tl.load(scale_ptr + bi * stride_mb + offs, mask=mask, other=0.0)
         sh = tl.load(shift_ptr + bi * stride_mb + offs, mask=mask, other=0.0)
-        y = y * (1.0 + sc) + sh
+        y = tl.fma(y, 1.0 + sc, sh)
     if AFFINE:
-        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = y + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.fma(y, w, tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32))
     yo = y.to(out_ptr.dtype.element_ty)
     if WRITE_OUT:
         tl.store(out_ptr + row * stride_o + offs, yo, mask=mask)
     if QUANT:
-        _quantize_row(yo.to(tl.float32), mask, q_ptr + row * stride_q + offs, s_ptr + row, QMAX, IS_INT8)
+        _quantize_row(yo.to(tl.float32), mask, q_ptr + row * stride_q + offs, s_ptr + row, QMAX, IS_INT8, NATIVE)
 
 
 def _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype, write_out=True):
@@ -246,7 +265,7 @@ def _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype, wr
                              n, x.stride(0), x.stride(1), c if modulate else 0, out.stride(0), q.stride(0), eps, C=c,
                              MODULATE=modulate, AFFINE=weight is not None, QUANT=quant,
                              QMAX=127.0 if qdtype == torch.int8 else 448.0, IS_INT8=qdtype == torch.int8,
-                             WRITE_OUT=write_out, BLOCK=triton.next_power_of_2(c),
+                             WRITE_OUT=write_out, NATIVE=not _INTERPRET, BLOCK=triton.next_power_of_2(c),
                              num_warps=8 if c >= 4096 else 4)  # fmt: skip
     return (out.view(b, n, c) if write_out else None), q, qs
 
@@ -271,54 +290,3 @@ def layer_norm_quant(x: torch.Tensor, eps: float, out_dtype: torch.dtype, qdtype
     scale [B*L, 1] float32), where (q, scale) == quantize_rows(out.reshape(-1, C)).
     """
     return _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype, write_out)
-
-
-# The tanh-approximated GELU exactly as torch's CUDA kernel writes it (opmath fp32): its constants rounded to fp32.
-_GELU_BETA = 0.7978845608028654  # sqrt(2) * (2 / sqrt(pi)) * 0.5
-_GELU_KAPPA = 0.044715
-
-
-@triton.jit
-def _tanh(u, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
-        return libdevice.tanh(u)  # the CUDA math library's tanhf, which torch's kernel calls
-    else:  # the interpreter has no libdevice
-        return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
-
-
-@triton.jit
-def _gelu_quant_kernel(h_ptr, out_ptr, q_ptr, s_ptr, N, stride_h, stride_o, stride_q, BETA: tl.constexpr,
-                       KAPPA: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, WRITE_OUT: tl.constexpr,
-                       LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """One program per row: g = GELU_tanh(h) rounded to out's dtype, then g quantized per token (q, scale) exactly
-    as _quant_rows_kernel would quantize g; g itself is stored only with WRITE_OUT."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < N
-    x = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
-    inner = BETA * (x + KAPPA * (x * x * x))
-    g = (0.5 * x * (1.0 + _tanh(inner, LIBDEVICE))).to(out_ptr.dtype.element_ty)
-    if WRITE_OUT:
-        tl.store(out_ptr + row * stride_o + offs, g, mask=mask)
-    _quantize_row(g.to(tl.float32), mask, q_ptr + row * stride_q + offs, s_ptr + row, QMAX, IS_INT8)
-
-
-def gelu_tanh_quant(h: torch.Tensor, qdtype: torch.dtype,
-                    write_out: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """h [..., N] bf16/fp16 -> (GELU_tanh(h) [..., N] in h's dtype or None without write_out, q [M, N] qdtype,
-    scale [M, 1] float32), where (q, scale) == quantize_rows(GELU_tanh(h)) and M is the number of rows of h."""
-    n = h.shape[-1]
-    h2 = h.reshape(-1, n)
-    if h2.stride(1) != 1:
-        h2 = h2.contiguous()
-    m = h2.shape[0]
-    out = torch.empty((m, n) if write_out else (1, n), dtype=h.dtype, device=h.device)
-    q = torch.empty((m, n), dtype=qdtype, device=h.device)
-    qs = torch.empty((m, 1), dtype=torch.float32, device=h.device)
-    block = triton.next_power_of_2(n)
-    _gelu_quant_kernel[(m,)](h2, out, q, qs, n, h2.stride(0), out.stride(0), q.stride(0), BETA=_GELU_BETA,
-                             KAPPA=_GELU_KAPPA, QMAX=127.0 if qdtype == torch.int8 else 448.0,
-                             IS_INT8=qdtype == torch.int8, WRITE_OUT=write_out, LIBDEVICE=not _INTERPRET,
-                             BLOCK=block, num_warps=16 if block >= 16384 else 8 if block >= 4096 else 4,
-                             **_FP_FUSION)  # fmt: skip
-    return (out.view(h.shape) if write_out else None), q, qs
