@@ -247,6 +247,7 @@ def _mod_ln_kernel(x_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr, q_ptr,
 
 
 def _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype, write_out=True):
+    # warps per row measured on an H200 at 4864 x 5120: plain 8 (43 us, 3.5 TB/s); quantizing 4 (55 us vs 62 at 8)
     b, n, c = x.shape
     if x.stride(2) != 1:
         x = x.contiguous()
@@ -266,7 +267,7 @@ def _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype, wr
                              MODULATE=modulate, AFFINE=weight is not None, QUANT=quant,
                              QMAX=127.0 if qdtype == torch.int8 else 448.0, IS_INT8=qdtype == torch.int8,
                              WRITE_OUT=write_out, NATIVE=not _INTERPRET, BLOCK=triton.next_power_of_2(c),
-                             num_warps=8 if c >= 4096 else 4)  # fmt: skip
+                             num_warps=8 if c >= 4096 and not quant else 4)  # fmt: skip
     return (out.view(b, n, c) if write_out else None), q, qs
 
 
