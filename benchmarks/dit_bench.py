@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
 import torch
+from _timing import median_seconds
 
-from wanpack.convert.quantize import quantize_weight
-from wanpack.convert.synth import random_tensor
+from wanpack.convert.synth import random_block_weights
 from wanpack.manifests.arch import dit_config, dit_tensors
 from wanpack.runtime.models import dit
 from wanpack.runtime.ops import attention as attn_ops
@@ -28,26 +27,6 @@ from wanpack.runtime.ops.report import report_backends
 
 GIB = 2**30
 SCHEMES = ("bf16", "int8", "fp8")
-
-
-def cuda_time(fn, iters: int, warmup: int = 1) -> float:
-    """Median seconds of fn() over iters runs, timed with CUDA events (wall clock for the CPU smoke run)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if not torch.cuda.is_available():
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 # ------------------------------------------------------------------------------------------------ ceilings
@@ -59,7 +38,7 @@ def ceilings(dev, iters: int, small: bool = False) -> dict[str, float]:
     a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
     flops = 2 * m * n * k
-    out = {"bf16 matmul": flops / cuda_time(lambda: a @ b.t(), iters) / 1e12}
+    out = {"bf16 matmul": flops / median_seconds(lambda: a @ b.t(), iters) / 1e12}
     a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
     sa, sb = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
     for fast in (True, False):
@@ -67,17 +46,17 @@ def ceilings(dev, iters: int, small: bool = False) -> dict[str, float]:
             return torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
                                     use_fast_accum=fast and dev.type == "cuda")  # fmt: skip
 
-        out[f"fp8 _scaled_mm{' fast-accum' if fast else ''}"] = flops / cuda_time(fp8, iters) / 1e12
+        out[f"fp8 _scaled_mm{' fast-accum' if fast else ''}"] = flops / median_seconds(fp8, iters) / 1e12
     ai = torch.randint(-127, 127, (m, k), device=dev, dtype=torch.int8)
     bi = torch.randint(-127, 127, (n, k), device=dev, dtype=torch.int8)
-    out["int8 _int_mm"] = flops / cuda_time(lambda: torch._int_mm(ai, bi.t()), iters) / 1e12
+    out["int8 _int_mm"] = flops / median_seconds(lambda: torch._int_mm(ai, bi.t()), iters) / 1e12
     L, H, D = (512, 2, 32) if small else (32760, 40, 128)
     q, kk, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
     for name in ("cudnn", "flash", "sdpa"):
         backend = attn_ops.BACKENDS[name]
         if backend.unavailable(dev) is None:
             try:
-                secs = cuda_time(lambda b=backend: b.run(q, kk, v), iters)
+                secs = median_seconds(lambda b=backend: b.run(q, kk, v), iters)
                 out[f"attention {name}"] = 4 * L * L * H * D / secs / 1e12
             except Exception as exc:  # a backend may reject the shape on some cards
                 print(f"attention {name} failed: {exc!r}", file=sys.stderr)
@@ -88,19 +67,8 @@ def ceilings(dev, iters: int, small: bool = False) -> dict[str, float]:
 
 
 def block_weights(cfg, dev, scheme: str) -> dict[str, torch.Tensor]:
-    """One block's tensors (block-relative names) on the GPU: bf16, or int8/fp8 Linears + scales, or fp32."""
-    w = {}
-    for spec in dit_tensors(cfg):
-        if spec.block != 0:
-            continue
-        name = spec.name.removeprefix("blocks.0.")
-        t = random_tensor(spec, 0, torch.float32).to(dev)
-        if spec.quantize and scheme in ("int8", "fp8"):
-            q, s = quantize_weight(t, scheme)
-            w[name], w[name + "_scale"] = q.to(dev), s.to(dev)
-        else:
-            w[name] = t if scheme == "fp32" else t.to(torch.bfloat16)
-    return w
+    """Block 0 of the config on the GPU: bf16, int8/fp8 Linears + scales as a pack holds them, or all fp32."""
+    return random_block_weights(dit_tensors(cfg), 0, scheme, dev)
 
 
 def block_inputs(cfg, n: int, dev, opts, seed: int = 1):
@@ -141,7 +109,7 @@ def time_block(cfg, w, n: int, dev, opts, iters: int) -> dict[str, float]:
         "ffn": lambda: dit.ffn_phase(w, x, holder["mod"], cfg, opts),
     }
     phases["self_attn"]()
-    return {name: cuda_time(fn, iters) for name, fn in phases.items()}
+    return {name: median_seconds(fn, iters) for name, fn in phases.items()}
 
 
 def time_linears(cfg, w, n: int, dev, opts, iters: int) -> float:
@@ -157,7 +125,7 @@ def time_linears(cfg, w, n: int, dev, opts, iters: int) -> float:
                 dit._lin(w, name, x[:rows])
             dit._lin(w, "ffn.2", h[:rows])
 
-    return cuda_time(run, iters)
+    return median_seconds(run, iters)
 
 
 def time_norm_linears(cfg, w, n: int, dev, opts, iters: int) -> float:
@@ -184,7 +152,7 @@ def time_norm_linears(cfg, w, n: int, dev, opts, iters: int) -> float:
                 dit._lin(w, name, o[:, :rows])
             dit._lin(w, "ffn.2", torch.nn.functional.gelu(outs[0], approximate="tanh"))  # outs[0]: ffn.0's output
 
-    return cuda_time(run, iters)
+    return median_seconds(run, iters)
 
 
 def peak_activation(cfg, w, n: int, dev, opts) -> tuple[int, int]:

@@ -15,60 +15,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
-import time
 
 import torch
+from _timing import median_seconds
 
-from wanpack.convert.quantize import quantize_weight
-from wanpack.convert.synth import random_tensor
+from wanpack.convert.synth import random_block_weights, random_tensor
 from wanpack.manifests.arch import component_tensors, encoder_config
 from wanpack.runtime.models.clip import CLIPVision
 from wanpack.runtime.models.t5 import T5Encoder
-
-
-def timed(fn, iters: int, device: str) -> float:
-    """Median seconds of ``fn()`` over ``iters`` runs after two warm-ups (CUDA events on a GPU)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cpu":
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def matmul_ceiling(iters: int, device: str, n: int) -> float:
     """bf16 TFLOP/s of an n^3 matmul on this device, now."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    return 2 * n**3 / timed(lambda: a @ b, iters, device) / 1e12
-
-
-def block_weights(specs, block: int, scheme: str, device: str) -> dict[str, torch.Tensor]:
-    """One block's weights on the GPU, block-relative names; Linears quantized per row when scheme is int8/fp8."""
-    out = {}
-    for spec in specs:
-        if spec.block != block:
-            continue
-        w = random_tensor(spec, 0, torch.float32)
-        name = spec.name.split(".", 2)[2] if spec.name.startswith("blocks.") else spec.name.split(".", 3)[3]
-        if spec.quantize and scheme in ("int8", "fp8"):
-            q, s = quantize_weight(w, scheme)
-            out[name], out[name + "_scale"] = q.to(device), s.to(device)
-        else:
-            out[name] = w.to(device, torch.float32 if scheme == "fp32" else torch.bfloat16)
-    return out
+    return 2 * n**3 / median_seconds(lambda: a @ b, iters, warmup=2, cuda=device != "cpu") / 1e12
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -82,8 +44,8 @@ def measure(enc, w, x, ctx, iters: int, device: str) -> tuple[dict[str, float], 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if gpu else 0
-    times = {ph: timed(lambda ph=ph: enc.phase(ph)(w, x, ctx), iters, device) for ph in enc.phases}
-    times["block"] = timed(lambda: enc.block(w, x, ctx), iters, device)
+    times = {ph: median_seconds(lambda ph=ph: enc.phase(ph)(w, x, ctx), iters, warmup=2, cuda=device != "cpu") for ph in enc.phases}
+    times["block"] = median_seconds(lambda: enc.block(w, x, ctx), iters, warmup=2, cuda=device != "cpu")
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if gpu else float("nan")
     return times, peak
 
@@ -92,14 +54,14 @@ def bench_encoder(name, enc_cls, cfg, inputs, flops, full_blocks, dtype, iters, 
     """Rows for one encoder: per weight scheme, the phase and block times, TFLOP/s, peak memory, error vs fp32."""
     rows, specs = [], component_tensors(cfg)
     fp32 = enc_cls(cfg, dtype=torch.float32)
-    fp32_w = block_weights(specs, 0, "fp32", device)
+    fp32_w = random_block_weights(specs, 0, "fp32", device)
     non_block = {s.name: random_tensor(s, 0, torch.float32).to(device) for s in specs if s.block is None}
     x32, ctx = fp32.embed(non_block, *inputs)
     ref = fp32.block(fp32_w, x32, ctx) - x32
     del fp32_w
     for scheme in ("bf16", "int8", "fp8"):
         enc = enc_cls(cfg, dtype=dtype)
-        w = block_weights(specs, 0, scheme, device)
+        w = random_block_weights(specs, 0, scheme, device)
         x = x32.to(dtype)
         times, peak = measure(enc, w, x, ctx, iters, device)
         err = rel_err(enc.block(w, x, ctx) - x, ref)

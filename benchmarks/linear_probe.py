@@ -6,21 +6,14 @@
 from __future__ import annotations
 
 import torch
+from _timing import median_seconds
 
 from wanpack.convert.quantize import quantize_weight
 from wanpack.runtime.ops import linear as L
 
 
 def bench(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters / 1e3
+    return median_seconds(fn, iters, warmup=3)
 
 
 def main() -> None:

@@ -69,6 +69,32 @@ def random_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tens
     return t.to(dtype)
 
 
+_BLOCK_LISTS = ("blocks", "transformer")  # the DiT's and T5's ``blocks.N.``, CLIP's ``visual.transformer.N.``
+
+
+def random_block_weights(specs: list[TensorSpec], block: int, scheme: str,
+                         device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:  # fmt: skip
+    """One block's tensors with these values, block-relative names (``blocks.3.ffn.0.weight`` -> ``ffn.0.weight``), on
+    ``device``: quantizable Linears as int8/fp8 + ``_scale`` exactly as the converter writes them when ``scheme`` is
+    int8/fp8, everything else bf16 (all fp32 for ``fp32``). What benchmarks and GPU tests run a block on."""
+    from wanpack.convert.quantize import quantize_weight
+
+    out = {}
+    for spec in specs:
+        if spec.block != block:
+            continue
+        parts = spec.name.split(".")
+        at = next(i for i in range(1, len(parts)) if parts[i] == str(block) and parts[i - 1] in _BLOCK_LISTS)
+        name = ".".join(parts[at + 1 :])
+        t = random_tensor(spec, 0, torch.float32)
+        if spec.quantize and scheme in ("int8", "fp8"):
+            q, s = quantize_weight(t, scheme)
+            out[name], out[name + "_scale"] = q.to(device), s.to(device)
+        else:
+            out[name] = t.to(device, torch.float32 if scheme == "fp32" else torch.bfloat16)
+    return out
+
+
 def _chunks_by_bytes(specs: list[TensorSpec], k: int, itemsize: int) -> list[list[TensorSpec]]:
     """Split key-sorted tensors into k consecutive groups of roughly equal bytes, as the hub's shards are."""
     total = sum(math.prod(s.shape) * itemsize for s in specs)

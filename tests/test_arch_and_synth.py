@@ -62,3 +62,21 @@ def test_synth_different_seeds_differ(tmp_path):
         str(tmp_path / "b" / "diffusion_pytorch_model.safetensors"), "pt"
     ) as g:
         assert not torch.equal(f.get_tensor(name), g.get_tensor(name))
+
+
+def test_random_block_weights_are_block_relative_and_quantized_like_the_converter():
+    from wanpack.convert.quantize import quantize_weight
+    from wanpack.convert.synth import random_block_weights, random_tensor
+    from wanpack.manifests.arch import clip_tensors, dit_config, dit_tensors, encoder_config
+
+    cfg = dit_config("wan2.1-t2v-14b", layers=2, dim_scale="tiny")
+    specs = dit_tensors(cfg)
+    w = random_block_weights(specs, 1, "int8")
+    spec = next(s for s in specs if s.name == "blocks.1.ffn.0.weight")
+    q, s = quantize_weight(random_tensor(spec, 0, torch.float32), "int8")
+    assert torch.equal(w["ffn.0.weight"], q) and torch.equal(w["ffn.0.weight_scale"], s)
+    assert w["norm3.weight"].dtype == torch.bfloat16 and "modulation" in w
+    assert len(w) == sum(s.block == 1 for s in specs) + sum(s.block == 1 and s.quantize for s in specs)
+    assert all(t.dtype == torch.float32 for t in random_block_weights(specs, 0, "fp32").values())
+    clip = random_block_weights(clip_tensors(encoder_config("clip", dim_scale="tiny")), 0, "bf16")
+    assert "norm1.weight" in clip and not any(k.startswith("visual") for k in clip)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from wanpack.convert.quantize import quantize_weight
-from wanpack.convert.synth import random_tensor
+from wanpack.convert.synth import random_block_weights
 from wanpack.manifests.arch import dit_config, dit_tensors
 from wanpack.runtime.models import dit
 from wanpack.runtime.ops import linear as lin
@@ -87,18 +87,7 @@ BLOCK_BOUNDS = {"bf16": 0.02, "int8": 0.05, "fp8": 0.15}
 
 
 def _block(cfg, scheme):
-    w = {}
-    for spec in dit_tensors(cfg):
-        if spec.block != 0:
-            continue
-        name = spec.name.removeprefix("blocks.0.")
-        t = random_tensor(spec, 0, torch.float32).to(DEV)
-        if spec.quantize and scheme in ("int8", "fp8"):
-            q, s = quantize_weight(t, scheme)
-            w[name], w[name + "_scale"] = q.to(DEV), s.to(DEV)
-        else:
-            w[name] = t if scheme == "fp32" else t.to(torch.bfloat16)
-    return w
+    return random_block_weights(dit_tensors(cfg), 0, scheme, DEV)
 
 
 @pytest.mark.parametrize("arch", ["wan2.1-t2v-14b", "wan2.1-i2v-14b"])

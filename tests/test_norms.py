@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
+from interp import run_in_triton_interpreter
 
 from wanpack.runtime.ops import norms
 
@@ -43,12 +38,7 @@ print("ok")
 
 
 def test_fused_norm_kernels_in_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_in_triton_interpreter(_SCRIPT)
 
 
 _QUANT_SCRIPT = r"""
@@ -92,12 +82,7 @@ print("ok")
 
 def test_fused_layer_norm_quantize_in_interpreter():
     """The LayerNorm kernel's quantizing variant writes exactly quantize_rows(its own bf16 output)."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-c", _QUANT_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_in_triton_interpreter(_QUANT_SCRIPT)
 
 
 def test_layer_norm_quantized_falls_back_on_cpu():
