@@ -286,7 +286,8 @@ def _read_ahead(jobs: list[ComponentJob], hashes: dict[str, str] | None, budget:
 
 
 class _ShardFiles:
-    """Open output shards written by pwrite at planned offsets; closed and hashed once their last tensor lands."""
+    """Open output shards written by pwrite at planned offsets; once its last tensor lands a shard is synced, closed
+    and hashed on a background thread (``results`` waits for them)."""
 
     def __init__(self, root: Path, jobs: list[ComponentJob]):
         self.root = root
@@ -300,6 +301,7 @@ class _ShardFiles:
                     self.where[(job.name, pt.name)] = (plan, pt.offset)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wanpack-hash")
         self.hashes: dict[str, Future] = {}
+        self.finishing: list[tuple[Future, int]] = []  # shards handed to the pool with their still-open fd
 
     def write(self, component: str, name: str, tensor: torch.Tensor) -> int:
         plan, offset = self.where[(component, name)]
@@ -314,10 +316,11 @@ class _ShardFiles:
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         _pwrite_all(fd, memoryview(data.numpy()), offset)
         self.remaining[plan.path] -= 1
-        if self.remaining[plan.path] == 0:
-            os.fsync(fd)
-            os.close(self.fds.pop(plan.path))
-            self.hashes[plan.path] = self.pool.submit(sha256_file, self.root / plan.path)
+        if self.remaining[plan.path] == 0:  # sync, close and hash off this thread (fsync alone took ~1 s per run)
+            fd = self.fds.pop(plan.path)
+            future = self.pool.submit(_finish_shard, fd, self.root / plan.path)
+            self.hashes[plan.path] = future
+            self.finishing.append((future, fd))
         return data.numel()
 
     def results(self) -> dict[str, str]:
@@ -331,6 +334,19 @@ class _ShardFiles:
             os.close(fd)
         self.fds.clear()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        for future, fd in self.finishing:
+            if future.cancelled():  # never ran, so never closed its fd
+                os.close(fd)
+        self.finishing.clear()
+
+
+def _finish_shard(fd: int, path: Path) -> str:
+    """A complete shard: flushed to disk, closed, then hashed from the page cache. Runs on the hash pool."""
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return sha256_file(path)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -341,8 +357,9 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
 
 
 def _transform(job: ComponentJob, name: str, tensor: torch.Tensor, loras: list[Lora],
-               pending_scales: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:  # fmt: skip
-    """Source tensor -> the pack tensors it becomes (quantized weight + scale, or a cast copy)."""
+               pending_scales: dict[str, torch.Tensor], out_pool: BufferPool) -> list[tuple[str, torch.Tensor]]:  # fmt: skip
+    """Source tensor -> the pack tensors it becomes (quantized weight + scale, or a cast copy). Quantized weights
+    land in a buffer from ``out_pool``, which the caller releases once they are written."""
     if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in job.prequantized:
         base = name[: -len(SCALE_SUFFIX)]
         scale = tensor.to(torch.float32).reshape(-1, 1)
@@ -358,7 +375,7 @@ def _transform(job: ComponentJob, name: str, tensor: torch.Tensor, loras: list[L
     for lora in loras:
         tensor = lora.apply(name, tensor)
     if spec.quantize and job.quant.scheme != "none":
-        q, scale = quantize_weight(tensor, job.quant.scheme)
+        q, scale = quantize_weight(tensor, job.quant.scheme, out=out_pool.get(tensor.numel()))
         return [(name, q), (name + SCALE_SUFFIX, scale)]
     return [(name, tensor)]
 
@@ -445,12 +462,14 @@ def _run(jobs: list[ComponentJob], files: _ShardFiles, loras: list[Lora], hashes
     budget = _ByteBudget(READ_AHEAD_BYTES)
     held: dict[tuple[str, str], torch.Tensor] = {}  # pre-quantized weights waiting for their scale (--quant none)
     scales: dict[str, torch.Tensor] = {}
+    out_pool = BufferPool(keep=3)  # quantized outputs: written synchronously, so one buffer serves the next weight
     for job, name, tensor in _read_ahead(jobs, hashes, budget, stop, on_bytes):
-        for out_name, value in _transform(job, name, tensor, loras if job.name == "dit" else [], scales):
+        for out_name, value in _transform(job, name, tensor, loras if job.name == "dit" else [], scales, out_pool):
             if out_name.startswith("__dequant__"):
                 held[(job.name, out_name.removeprefix("__dequant__"))] = value
                 continue
             _write_cast(files, job, out_name, value)
+            out_pool.release(value)
         for (comp, base), q in list(held.items()):
             if comp == job.name and base in scales:
                 _write_cast(files, job, base, dequantize_weight(q, scales.pop(base)))

@@ -8,6 +8,8 @@ A row of zeros gets scale 0 and q 0, so dequantization (q * scale) gives the zer
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from wanpack.errors import UsageError
@@ -15,6 +17,7 @@ from wanpack.errors import UsageError
 QMAX = {"int8": 127.0, "fp8": 448.0}
 WEIGHT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _CHUNK_BYTES = 8 << 20  # float32 working set per chunk
+_work = threading.local()  # one reused chunk buffer per thread: a fresh 8 MB each call page-faults every time
 
 
 def check_scheme(scheme: str) -> str:
@@ -23,20 +26,30 @@ def check_scheme(scheme: str) -> str:
     return scheme
 
 
-def quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, scheme: str,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Quantize a 2-D [out, in] weight per output row; returns (q [out, in], scale float32 [out, 1]).
 
     Works through row chunks of about _CHUNK_BYTES with one reused float32 buffer, so the several elementwise passes
-    run mostly in cache instead of streaming the whole matrix through memory once per pass.
+    run mostly in cache instead of streaming the whole matrix through memory once per pass. ``out`` (uint8, at least
+    out*in bytes) receives q, so a caller converting many weights can reuse one buffer instead of page-faulting a
+    fresh one for each.
     """
     if weight.dim() != 2:
         raise ValueError(f"per-channel quantization needs a 2-D weight, got shape {tuple(weight.shape)}")
     qmax = QMAX[scheme]
     out_rows, in_features = weight.shape
-    q = torch.empty(weight.shape, dtype=WEIGHT_DTYPES[scheme])
+    if out is None:
+        q = torch.empty(weight.shape, dtype=WEIGHT_DTYPES[scheme])
+    else:
+        q = out.reshape(-1)[: weight.numel()].view(WEIGHT_DTYPES[scheme]).view(weight.shape)
     scale = torch.empty((out_rows, 1), dtype=torch.float32)
     step = max(1, _CHUNK_BYTES // max(1, 4 * in_features))
-    buf = torch.empty((min(step, out_rows), in_features), dtype=torch.float32)
+    rows_per_chunk = min(step, out_rows)
+    buf = getattr(_work, "buf", None)
+    if buf is None or buf.numel() < rows_per_chunk * in_features:
+        buf = _work.buf = torch.empty(max(rows_per_chunk * in_features, _CHUNK_BYTES // 4), dtype=torch.float32)
+    buf = buf[: rows_per_chunk * in_features].view(rows_per_chunk, in_features)
     for start in range(0, out_rows, step):
         rows = weight[start : start + step]
         n = rows.shape[0]
