@@ -35,7 +35,6 @@ DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _BLOCK_FILE = re.compile(r"^block_(\d+)\.safetensors$")
 _POOL_MIN_BYTES = 1 << 20
-_PAGE = 4096  # O_DIRECT alignment of offsets, lengths and buffer addresses (covers 512-byte devices too)
 
 
 class BufferPool:
@@ -53,18 +52,15 @@ class BufferPool:
         self._lock = threading.Lock()
 
     def get(self, nbytes: int) -> torch.Tensor:
-        """A uint8 buffer of at least ``nbytes``; pooled ones start on a page boundary, as O_DIRECT reads need."""
         if nbytes < _POOL_MIN_BYTES:
             return torch.empty(nbytes, dtype=torch.uint8)
         with self._lock:
             fits = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= 2 * nbytes]
             buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else None
         if buf is None:
-            raw = torch.empty(nbytes + _PAGE, dtype=torch.uint8)
-            start = -raw.data_ptr() % _PAGE
-            buf = raw[start : start + nbytes]
+            buf = torch.empty(nbytes, dtype=torch.uint8)
         with self._lock:
-            self._lent[buf.untyped_storage().data_ptr()] = [buf, 1]
+            self._lent[buf.data_ptr()] = [buf, 1]
         return buf
 
     def retain(self, tensor: torch.Tensor) -> None:
@@ -181,7 +177,6 @@ class SafetensorsSource:
                 hashes[h.path.name] = known
             sha = _BackgroundHash(pool) if hashes is not None and known is None else None
             fd = os.open(h.path, os.O_RDONLY)
-            direct = _open_direct(h.path) if pool is not None else None
             try:
                 if sha is not None:
                     sha.feed(os.pread(fd, h.data_start, 0))
@@ -190,17 +185,13 @@ class SafetensorsSource:
                     name = raw[len(self.prefix) :]
                     if name not in wanted and sha is None:
                         continue
-                    tensor = None
-                    if direct is not None and info.length >= _POOL_MIN_BYTES:
-                        tensor = read_tensor_direct(direct, info, pool)
-                    if tensor is None:
-                        if i + 1 < len(infos):  # let the disk fetch the next tensor while we hash and quantize this one
-                            _prefetch(fd, infos[i + 1][1])
-                        tensor = read_tensor(fd, info, h.path, pool.get(info.length) if pool else None)
-                        _drop_cache(fd, info)
+                    if i + 1 < len(infos):  # let the disk fetch the next tensor while we hash and quantize this one
+                        _prefetch(fd, infos[i + 1][1])
+                    tensor = read_tensor(fd, info, h.path, pool.get(info.length) if pool else None)
                     if sha is not None:
                         sha.feed(tensor)
                     on_bytes(info.length)
+                    _drop_cache(fd, info)
                     if name in wanted:
                         yield name, tensor
                     elif pool is not None:
@@ -215,51 +206,6 @@ class SafetensorsSource:
                 if sha is not None:
                     sha.abandon()
                 os.close(fd)
-                if direct is not None:
-                    os.close(direct)
-
-
-def _open_direct(path: Path) -> int | None:
-    """A second descriptor with O_DIRECT, or None where the platform, the filesystem or WANPACK_DIRECT_IO=0 says no.
-
-    Large tensors are read through it straight into the (page-aligned) pooled buffer: on a 2-core VM, buffered reads
-    of a 9.4 GB source cost 11.6 s of kernel time copying through the page cache, O_DIRECT reads 0.6-1.1 s, and a
-    single large O_DIRECT read ran at 1.35 GB/s against 0.73 for 16 MiB buffered preads (benchmarks/convert_bench.py).
-    """
-    if not hasattr(os, "O_DIRECT") or os.environ.get("WANPACK_DIRECT_IO", "1") == "0":
-        return None
-    try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError:  # tmpfs and some FUSE filesystems refuse O_DIRECT
-        return None
-
-
-def read_tensor_direct(fd: int, info: StTensorInfo, pool: BufferPool) -> torch.Tensor | None:
-    """The tensor's bytes via an O_DIRECT descriptor: the page-aligned span around them is read into a pooled buffer
-    and the tensor is a view into it. None (nothing held) when the kernel refuses the read or the tensor's offset is
-    not aligned for its dtype; the caller then reads it the buffered way."""
-    start = info.offset - info.offset % _PAGE
-    end = -(-(info.offset + info.length) // _PAGE) * _PAGE
-    itemsize = ST_TO_TORCH[info.dtype].itemsize
-    if (info.offset - start) % itemsize:
-        return None
-    buf = pool.get(end - start)
-    view = memoryview(buf.numpy())
-    done, want = 0, info.offset + info.length - start
-    try:
-        while done < want:
-            n = os.preadv(fd, [view[done : end - start]], start + done)
-            if n <= 0:
-                raise SourceError(f"unexpected end of file reading {info.name} - the file is truncated")
-            done += n
-    except OSError:  # EINVAL: this filesystem does not do O_DIRECT after all
-        pool.release(buf)
-        return None
-    except BaseException:
-        pool.release(buf)
-        raise
-    first = info.offset - start
-    return buf[first : first + info.length].view(ST_TO_TORCH[info.dtype]).reshape(info.shape)
 
 
 def hub_cache_sha256(path: Path) -> str | None:
