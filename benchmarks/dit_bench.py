@@ -129,8 +129,13 @@ def time_linears(cfg, w, n: int, dev, opts, iters: int) -> float:
 
 
 def time_norm_linears(cfg, w, n: int, dev, opts, iters: int) -> float:
-    """Seconds for a block's per-step GEMMs together with the producers of their inputs, wired as the block wires
-    them: the three modulated LayerNorms and norm3 feed q/k/v, cross q and ffn.0 (k and v share one input), the tanh
+    """Median seconds of :func:`wired_pass`."""
+    return median_seconds(wired_pass(cfg, w, n, dev, opts), iters)
+
+
+def wired_pass(cfg, w, n: int, dev, opts):
+    """A function that runs a block's per-step GEMMs with the producers of their inputs once, wired as the block
+    wires them (inputs are made here, outside it): the three modulated LayerNorms and norm3 feed q/k/v, cross q and ffn.0 (k and v share one input), the tanh
     GELU feeds ffn.2, the attention outputs feed the o projections as plain tensors. With W8A8 weights on CUDA the
     norm kernels write the quantized copies themselves (and skip the 16-bit outputs nobody reads); bf16 pays the
     same norms and GELU unquantized, so the ratio compares like with like."""
@@ -152,7 +157,7 @@ def time_norm_linears(cfg, w, n: int, dev, opts, iters: int) -> float:
                 dit._lin(w, name, o[:, :rows])
             dit._lin(w, "ffn.2", torch.nn.functional.gelu(outs[0], approximate="tanh"))  # outs[0]: ffn.0's output
 
-    return median_seconds(run, iters)
+    return run
 
 
 def peak_activation(cfg, w, n: int, dev, opts) -> tuple[int, int]:
@@ -211,6 +216,8 @@ def main() -> int:
     ap.add_argument("--check-tokens", type=int, default=4096, help="sequence length of the fp32 numerical check")
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny widths on CPU: checks the script, measures nothing")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list where one wired pass spends its kernel time, per scheme, at the first --tokens")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
         print("dit_bench needs a CUDA GPU (or --smoke on CPU)", file=sys.stderr)
@@ -246,6 +253,8 @@ def main() -> int:
             lin.set_gemm_backend(smoke_gemm(scheme, args.smoke))
             lin.FP8_FAST_ACCUM = True
             norm_lin_s = time_norm_linears(cfg, w, n, dev, opts, args.iters)
+            if args.profile and n == args.tokens[0]:
+                result.setdefault("profile_ms", {})[scheme] = profile_wired(cfg, w, n, dev, opts)
             lin_flops = sum(p["linear"] for p in fl.values())
             row = {"scheme": scheme, "tokens": n, "block_s": sum(times.values()), "linear_s": lin_times,
                    "linear_tflops": {k: lin_flops / v / 1e12 for k, v in lin_times.items()},
@@ -268,6 +277,26 @@ def main() -> int:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
     return 0
+
+
+def profile_wired(cfg, w, n: int, dev, opts, top: int = 8) -> dict[str, float]:
+    """Milliseconds per kernel (device time; CPU op time on the smoke run) of one wired pass, the largest first."""
+    activity = torch.profiler.ProfilerActivity.CUDA if dev.type == "cuda" else torch.profiler.ProfilerActivity.CPU
+    run = wired_pass(cfg, w, n, dev, opts)
+    run()  # warm: autotuning and self-checks stay out of the profile
+    with torch.profiler.profile(activities=[activity]) as prof:
+        run()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = ev.self_device_time_total if dev.type == "cuda" else ev.self_cpu_time_total
+        if t > 0:
+            per_kernel[ev.key[:80]] = per_kernel.get(ev.key[:80], 0.0) + t / 1e3  # us -> ms
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])
+    out = dict(ranked[:top])
+    out["(total)"] = sum(per_kernel.values())
+    return out
 
 
 def print_table(r: dict) -> None:
@@ -294,6 +323,8 @@ def print_table(r: dict) -> None:
         print(f"peak activation 720p {scheme}: {meas / GIB:.2f} GiB measured, {est / GIB:.2f} GiB estimated ({flag})")
     print("block update rel err vs fp32 (14B shape): " + ", ".join(f"{k} {v:.4f}"
                                                                    for k, v in r["numerics_rel_err"].items()))
+    for scheme, kernels in r.get("profile_ms", {}).items():
+        print(f"kernel time of one wired pass, {scheme}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in kernels.items()))
     print(f"wall {r['wall_s']:.0f} s")
 
 
