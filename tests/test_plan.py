@@ -120,10 +120,16 @@ def test_bench_command_runs_on_cpu(pack, tmp_path):
     data = json.loads(res.stdout)
     runs = data["runs"]
     assert set(runs) == {"resident", "streamed_cached", "streamed_disk"}
-    n = sum(u.length for u in PackComponent(pack).units("block"))
+    units = PackComponent(pack).units("block")
+    n = sum(u.length for u in units)
     assert runs["resident"]["h2d_bytes_per_forward"] == 0  # resident moves nothing after its first forward
     assert runs["streamed_disk"]["disk_bytes_per_forward"] > 0 and runs["streamed_cached"]["disk_bytes_per_forward"] == 0
-    assert runs["streamed_disk"]["h2d_bytes_per_forward"] == n
+    # every unit is copied once per forward; the counting window starts and ends between forwards while the engine
+    # may already have copied up to `prefetch` units of the next one (as many as its reads had finished), so the
+    # average over the 2 counted forwards can be off by at most prefetch * largest unit / 2
+    disk = runs["streamed_disk"]
+    slack = disk["prefetch"] * max(u.length for u in units) / 2
+    assert abs(disk["h2d_bytes_per_forward"] - n) <= slack, (disk["h2d_bytes_per_forward"], n, slack)
     rows = json.loads(timeline.read_text())
     assert {r["kind"] for r in rows} == {"copy", "compute"}
 
