@@ -148,7 +148,7 @@ class QuantizedActivation:
     """An activation x [..., K] plus its per-token quantized copies, made at most once per dtype and then shared.
 
     Quantizing is a full pass over x; when one activation feeds several W8A8 linears (self-attention k and v) this
-    keeps it to one. A producer that already has the copy (a fused norm or GELU kernel) hands it in through
+    keeps it to one. A producer that already has the copy (the fused LayerNorm kernel) hands it in through
     ``quantized``; it must hold what :func:`quantize_activation` returns for x, so results do not depend on who
     quantized. Such a producer may also skip writing x itself (``x=None`` with ``shape``/``dtype``) when every
     consumer reads only the quantized copy (see :func:`reads_quantized_only`): that saves a write and a buffer.
