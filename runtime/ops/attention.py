@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from wanpack.errors import UsageError, WanpackError
+from wanpack.runtime.ops.devices import concrete_device
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,7 @@ def set_attn_backend(name: str | None) -> None:
 
 
 def attn_backend(device: torch.device | str) -> AttnBackend:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = concrete_device(device)
     if device not in _chosen:
         _chosen[device] = _choose(device)
     return _chosen[device]

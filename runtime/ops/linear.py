@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from wanpack.errors import UsageError, WanpackError
+from wanpack.runtime.ops.devices import concrete_device
 
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 QUANT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -276,9 +277,7 @@ def set_gemm_backend(name: str | None) -> None:
 
 def gemm_backend(dtype: torch.dtype, device: torch.device | str) -> GemmBackend:
     """The backend quantized weights of ``dtype`` use on ``device`` (chosen once, then cached)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = concrete_device(device)
     key = (dtype, device)
     if key not in _chosen:
         _chosen[key] = _choose(dtype, device)

@@ -24,6 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from wanpack.runtime.ops.devices import concrete_device
 from wanpack.runtime.ops.linear import QuantizedActivation, quantize_activation
 
 _fused_ok: dict[torch.device, bool] = {}
@@ -35,8 +36,7 @@ def fused_norms(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or importlib.util.find_spec("triton") is None:
         return False
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = concrete_device(device)
     if device not in _fused_ok:
         _fused_ok[device] = _self_check(device)
     return _fused_ok[device]
@@ -81,8 +81,7 @@ def fused_norm_quant(device: torch.device | str, width: int) -> bool:
     device = torch.device(device)
     if not fused_norms(device):
         return False
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = concrete_device(device)
     if (device, width) not in _fused_quant_ok:
         _fused_quant_ok[(device, width)] = _self_check_quant(device, width)
     return _fused_quant_ok[(device, width)]

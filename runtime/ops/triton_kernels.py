@@ -226,8 +226,9 @@ def _mod_ln_kernel(x_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, out_ptr, q_ptr,
     offs = tl.arange(0, BLOCK)
     mask = offs < C
     x = tl.load(x_ptr + bi * stride_xb + (row % L) * stride_xl + offs, mask=mask, other=0.0).to(tl.float32)
-    # explicit roundings (IEEE scalar divisions, one multiply, explicit fmas) so that every variant of this kernel
-    # computes the same bits: left to the compiler, '/' became different approximate sequences with and without QUANT
+    # explicit roundings (IEEE scalar divisions, one uncontracted multiply, explicit fmas): left to the compiler, '/'
+    # became different approximate sequences with and without QUANT. The sums can still differ between variants,
+    # whose layouts differ (16 vs 8 elements per thread), hence norms.close_16bit in the self-check
     mean = tl.div_rn(tl.sum(x, axis=0), C)
     d = tl.where(mask, x - mean, 0.0)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(d * d, axis=0), C) + eps))

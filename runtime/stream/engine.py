@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from wanpack.errors import UsageError
+from wanpack.runtime.ops.devices import concrete_device
 from wanpack.runtime.pack import PackComponent, Unit, WeightViews, views
 from wanpack.runtime.stream.device import DeviceTier
 from wanpack.runtime.stream.graphs import GraphRunner
@@ -69,9 +70,7 @@ class StreamEngine:
     def __init__(self, pack: PackComponent, options: StreamOptions, device: torch.device | str = "cpu"):
         self.pack = pack
         self.opt = options
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = concrete_device(device)
         self.units: list[Unit] = pack.units(options.granularity)
         n = len(self.units)
         k = n if options.granularity == "model" else options.device_slots
