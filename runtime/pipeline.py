@@ -21,7 +21,7 @@ from wanpack.manifests.arch import CLIPConfig, DiTConfig, T5Config, VAEConfig, c
 from wanpack.manifests.format import Manifest, read_manifest
 from wanpack.manifests.run_config import RunConfig
 from wanpack.runtime.models import dit
-from wanpack.runtime.models.clip import CLIPVision, preprocess
+from wanpack.runtime.models.clip import CLIPVision
 from wanpack.runtime.models.t5 import T5Encoder
 from wanpack.runtime.models.tokenizer import T5Tokenizer
 from wanpack.runtime.models.vae import encode as vae_encode
@@ -166,9 +166,8 @@ def encode_image_clip(pack: Path, image: torch.Tensor, cfg: RunConfig, device: t
     clip_cfg = config_from_dict(comp.entry.config)
     assert isinstance(clip_cfg, CLIPConfig)
     enc = CLIPVision(clip_cfg, dtype=torch.float16 if device.type == "cuda" else torch.float32)
-    pixels = preprocess(image[None].to(device), clip_cfg.image_size)
     with StreamEngine(comp, _encoder_options(device, cfg.clip_cpu_offload), device) as eng:
-        x, ctx = enc.embed(eng.resident, pixels)
+        x, ctx = enc.embed(eng.resident, image[None].to(device))  # embed resizes and normalizes (once)
         for unit, w in eng.forward():
             if unit.block >= enc.num_blocks:
                 break  # Wan uses the first 31 of 32 blocks: the last is never computed
@@ -200,8 +199,9 @@ def image_condition(pack: Path, image: torch.Tensor, checked: Checked, cfg: RunC
     """y = [mask (4 channels), VAE latent of (first frame, zeros)] -> [20, F_lat, h, w] (the reference's rule)."""
     _, f_lat, h, w = checked.latent
     weights, vae_cfg = _vae(pack, device)
+    # not clamped: bicubic overshoot past [-1, 1] reaches the VAE, as in the original (image2video.py)
     first = torch.nn.functional.interpolate(image[None].to(device), size=(checked.height, checked.width),
-                                            mode="bicubic", align_corners=False).clamp_(-1, 1)  # fmt: skip
+                                            mode="bicubic", align_corners=False)  # fmt: skip
     video = torch.zeros((1, 3, cfg.frames, checked.height, checked.width), device=device)
     video[:, :, 0] = first[0]
     if cfg.vae_tiling:
