@@ -23,7 +23,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p $(DEMO_DIR)
-	WANPACK_CACHE=$(DEMO_DIR)/cache $(BIN)/wanpack run --out $(DEMO_DIR)/demo.mp4
+	WANPACK_CACHE=$(DEMO_DIR)/cache $(BIN)/wanpack run --overwrite --out $(DEMO_DIR)/demo.mp4
 	$(BIN)/wanpack inspect $(DEMO_DIR)/cache/demo-*/pack
 
 lint: $(STAMP)

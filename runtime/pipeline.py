@@ -27,13 +27,13 @@ from wanpack.runtime.models.tokenizer import T5Tokenizer
 from wanpack.runtime.models.vae import encode as vae_encode
 from wanpack.runtime.models.vae_tiling import decode_within, encode_within
 from wanpack.runtime.pack import PackComponent
-from wanpack.runtime.run_record import RunRecord, StageTimer, file_sha256, sidecar_path, write_sidecar
+from wanpack.runtime.run_record import RunRecord, StageTimer, file_sha256, latents_path, sidecar_path, write_sidecar
 from wanpack.runtime.sampling import make_scheduler
 from wanpack.runtime.sampling.loop import denoise, i2v_latent_hw, initial_noise, latent_shape
 from wanpack.runtime.stream.dit_stream import streamed_forward
 from wanpack.runtime.stream.engine import StreamEngine, StreamOptions
 from wanpack.runtime.stream.planner import detect_budgets, plan
-from wanpack.runtime.video import check_output_path, require_av, save_latents, write_video
+from wanpack.runtime.video import check_outputs, require_av, save_latents, write_video
 
 GiB = 1 << 30
 Progress = Callable[[str, dict], None]  # (event, details): "stage", "step"
@@ -49,6 +49,8 @@ class RunRequest:
     device: str | None = None
     synthetic: bool = False
     command: list[str] = field(default_factory=list)
+    overwrite: bool = False  # replace existing outputs
+    config_file: Path | None = None  # --config, an input no output may overwrite
 
 
 @dataclass
@@ -86,7 +88,8 @@ def check_request(req: RunRequest) -> Checked:
     """Every check that needs no weights: fails in well under a second with one line, before any heavy work."""
     cfg = req.config
     require_av()
-    check_output_path(req.out)
+    check_outputs([req.out, sidecar_path(req.out)] + ([latents_path(req.out)] if cfg.save_latents else []),
+                  {"--image": req.image, "--config": req.config_file, "--tiny-vae": cfg.tiny_vae_path}, req.overwrite)
     manifest = read_manifest(req.pack)
     dit_entry = manifest.component("dit")
     dit_cfg = config_from_dict(dit_entry.config)
@@ -292,7 +295,8 @@ def run(req: RunRequest, progress: Progress = lambda event, info: None) -> RunRe
     timer = StageTimer(sync=device.type == "cuda")
     record = RunRecord(command=req.command, seed=seed, config=cfg.to_dict(), pack=None if req.synthetic else str(req.pack),
                        manifest_sha256=file_sha256(Path(req.pack) / "manifest.json"), synthetic_weights=req.synthetic,
-                       prompt=req.prompt, image=str(req.image) if req.image else None, video=str(req.out))  # fmt: skip
+                       prompt=req.prompt, image=str(req.image) if req.image else None, video=str(req.out),
+                       height=checked.height, width=checked.width)  # fmt: skip
     prompts = [req.prompt] + ([cfg.negative_prompt] if cfg.cfg_active else [])
     progress("stage", {"name": "text", "device": str(device), "dtype": str(dtype).removeprefix("torch.")})
     with timer.stage("text"):
@@ -319,7 +323,7 @@ def run(req: RunRequest, progress: Progress = lambda event, info: None) -> RunRe
     with timer.stage("write"):
         write_video(req.out, frames, fps=cfg.fps)
         if cfg.save_latents:
-            record.latents = str(save_latents(req.out.with_suffix(".latents.safetensors"), latent.cpu()))
+            record.latents = str(save_latents(latents_path(req.out), latent.cpu()))
     record.finish(timer)
     write_sidecar(sidecar_path(req.out), record)
     return record

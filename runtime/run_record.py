@@ -92,6 +92,8 @@ class RunRecord:
     image: str | None = None
     video: str | None = None
     latents: str | None = None
+    height: int | None = None  # the size actually made: for i2v the area rule on the image's aspect, not the request
+    width: int | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     peak_vram_bytes: dict[str, int] | None = None
     peak_rss_bytes: int | None = None
@@ -128,6 +130,11 @@ def _environment() -> dict[str, str]:
 def sidecar_path(video_path: str | os.PathLike) -> Path:
     """video.mp4 -> video.json"""
     return Path(video_path).with_suffix(".json")
+
+
+def latents_path(video_path: str | os.PathLike) -> Path:
+    """video.mp4 -> video.latents.safetensors (--save-latents)"""
+    return Path(video_path).with_suffix(".latents.safetensors")
 
 
 def write_sidecar(path: str | os.PathLike, record: RunRecord | Mapping[str, Any]) -> Path:

@@ -1,8 +1,9 @@
 """Video and latent output: H.264 mp4 through PyAV, written atomically so an existing file is never left corrupt.
 
 Every writer goes to a temporary file in the destination folder and renames it over the target only once the file
-is complete; a failure (or Ctrl-C) leaves the old file, if any, untouched. ``check_output_path`` and ``require_av``
-let the pipeline fail on an unwritable path or a missing PyAV before any heavy work starts.
+is complete; a failure (or Ctrl-C) leaves the old file, if any, untouched. ``check_outputs``, ``check_output_path`` and
+``require_av`` let the pipeline fail on a path that would lose data, an unwritable path or a missing PyAV before any
+heavy work starts.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from wanpack.errors import UsageError, WanpackError
 
 DEFAULT_FPS = 16
 DEFAULT_CRF = 18  # x264 constant-quality level: visually near-lossless for generated video, ~4x smaller than crf 0
+VIDEO_SUFFIX = ".mp4"  # the one container write_video produces
 
 
 def require_av():
@@ -49,6 +51,37 @@ def check_output_path(path: str | os.PathLike) -> Path:
     except OSError as exc:
         raise UsageError(f"cannot write to {parent} ({exc.strerror or exc}) - choose a writable --out") from None
     return path
+
+
+def check_outputs(outputs: Sequence[str | os.PathLike], inputs: Mapping[str, str | os.PathLike | None],
+                  overwrite: bool = False) -> list[Path]:  # fmt: skip
+    """Refuse, before any work, every output that would lose data; ``outputs[0]`` is the video (--out).
+
+    An output may not be one of the ``inputs`` (flag -> path), two outputs may not share a path, the video must be
+    named for the container it is written as, and an existing file is replaced only with ``overwrite``.
+    """
+    paths = [Path(p) for p in outputs]
+    video = paths[0]
+    for path in paths:
+        for flag, source in inputs.items():
+            if source is not None and _same_file(path, Path(source)):
+                raise UsageError(f"--out {video} would write {path} over the {flag} input {source} - choose another --out")
+    if video.suffix.lower() != VIDEO_SUFFIX:
+        raise UsageError(f"--out {video}: wanpack writes H.264 mp4 files only - give a name ending in {VIDEO_SUFFIX}")
+    for i, path in enumerate(paths):
+        if any(_same_file(path, other) for other in paths[:i]):
+            raise UsageError(f"--out {video}: two outputs would share the path {path} - choose another --out")
+        check_output_path(path)
+        if path.exists() and not overwrite:
+            raise UsageError(f"{path} already exists - pass --overwrite to replace it, or choose another --out")
+    return paths
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through links, relative parts and hard links where both exist)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.absolute().resolve() == b.absolute().resolve()
 
 
 @contextlib.contextmanager

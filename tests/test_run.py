@@ -117,3 +117,42 @@ def test_bad_input_is_refused_before_heavy_work(packs, tmp_path, case, args, fra
     started = time.perf_counter()
     _fails_fast(run(*argv), *fragments, started=started)
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_i2v_records_and_prints_the_size_made(packs, tmp_path):
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(1).random((96, 160, 3)) * 255).astype(np.uint8)).save(tmp_path / "wide.png")
+    video = tmp_path / "i2v.mp4"
+    result = run("run", "--pack", packs["i2v"], "--image", tmp_path / "wide.png", "--prompt", "a cat", "--frames", 5,
+                 "--height", 96, "--width", 128, "--steps", 1, "--out", video)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert read_video_info(video)[1:3] == (80, 128)  # 3:5 image at the area of 96 x 128
+    side = json.loads(video.with_suffix(".json").read_text())
+    assert (side["height"], side["width"]) == (80, 128) and (side["config"]["height"], side["config"]["width"]) == (96, 128)
+    assert "128x80 (asked 128x96" in result.output
+
+
+def _refused(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and all(f in result.output for f in fragments), result.output
+
+
+def test_outputs_never_lose_data(packs, tmp_path):
+    small = ["--pack", packs["t2v"], "--prompt", "x", "--frames", 5, "--height", 32, "--width", 32, "--steps", 1]
+    _refused(run("run", *small, "--out", tmp_path / "a.json"), "ending in .mp4")  # was: only the sidecar, "success"
+    assert not (tmp_path / "a.json").exists()
+    image = tmp_path / "in.png"
+    image.write_bytes(packs["image"].read_bytes())
+    _refused(run("run", "--pack", packs["i2v"], "--prompt", "x", "--image", image, "--out", image), "--image input")
+    assert image.read_bytes() == packs["image"].read_bytes()
+    (tmp_path / "v.json").write_text(json.dumps({"steps": 1}))
+    _refused(run("run", *small, "--config", tmp_path / "v.json", "--out", tmp_path / "v.mp4"), "--config input")
+    assert json.loads((tmp_path / "v.json").read_text()) == {"steps": 1}
+    (tmp_path / "old.mp4").write_bytes(b"an earlier video")
+    _refused(run("run", *small, "--out", tmp_path / "old.mp4"), "already exists", "--overwrite")
+    assert (tmp_path / "old.mp4").read_bytes() == b"an earlier video"
+    result = run("run", *small, "--out", tmp_path / "old.mp4", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert read_video_info(tmp_path / "old.mp4")[:3] == (5, 32, 32)
+    _refused(run("run", *small, "--out", tmp_path / "old.mp4"), "old.mp4 already exists")

@@ -41,6 +41,7 @@ def run(
     gemm: str | None = typer.Option(None, "--gemm", help="Force the quantized GEMM backend (default: auto)."),
     attn: str | None = typer.Option(None, "--attn", help="Force the attention backend (default: auto)."),
     device: str | None = typer.Option(None, "--device", help="cuda or cpu (default: cuda when present)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out video (and its sidecar)."),
     json_out: bool = typer.Option(False, "--json", help="Print the run record as JSON."),
 ) -> None:
     """Generate a video. With no --pack, runs the embedded demo model (tiny, random weights) end to end.
@@ -81,7 +82,8 @@ def run(
         raise UsageError("--prompt is required - say what the video should show")
     cfg = resolve_run_config(preset, config, overrides)
     request = RunRequest(pack=pack, prompt=prompt, out=out_path, config=cfg, image=image, device=device,
-                         synthetic=synthetic, command=["wanpack", *sys.argv[1:]])  # fmt: skip
+                         synthetic=synthetic, command=["wanpack", *sys.argv[1:]], overwrite=overwrite,
+                         config_file=config)  # fmt: skip
     record = run_pipeline(request, _Reporter(json_out))
     if json_out:
         print_json(record.to_dict())
@@ -89,8 +91,12 @@ def run(
     times = ", ".join(f"{k} {v:.1f}s" for k, v in record.timings_s.items())
     vram = record.peak_vram_bytes or {}
     peak = f", peak VRAM {human_bytes(vram['reserved'])}" if vram.get("reserved") else ""
-    out.print(f"wrote {out_path} ({cfg.frames} frames, seed {record.seed}{', RANDOM demo weights' if synthetic else ''})"
-              f": {times}{peak}, peak RSS {human_bytes(record.peak_rss_bytes or 0)}")  # fmt: skip
+    size = f"{record.width}x{record.height}"
+    if (record.width, record.height) != (cfg.width, cfg.height):
+        size += f" (asked {cfg.width}x{cfg.height}: same area, the image's aspect)"
+    out.print(f"wrote {out_path} ({size}, {cfg.frames} frames, seed {record.seed}"
+              f"{', RANDOM demo weights' if synthetic else ''}): {times}{peak}, "
+              f"peak RSS {human_bytes(record.peak_rss_bytes or 0)}", soft_wrap=True)  # fmt: skip
 
 
 class _Reporter:
