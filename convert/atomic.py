@@ -1,8 +1,10 @@
-"""Atomic pack directories: build in a hidden sibling, rename into place only when complete.
+"""Atomic output directories (packs, synthetic checkpoints): build in a hidden sibling, rename into place when complete.
 
 A pack is valid only once manifest.json exists, and the manifest is written last, inside the temporary folder; the
 folder is renamed to its final name after everything is fsynced. Ctrl-C, a crash or a full disk therefore leave
 either the old state or a hidden ``.NAME.wanpack-tmp-PID`` folder without a manifest, which the next run removes.
+An existing folder is replaced only with ``force`` and only when it holds the marker file of what we write (or is
+empty), so a user's own folder is never deleted.
 """
 
 from __future__ import annotations
@@ -36,15 +38,20 @@ def _fsync_dir(path: Path) -> None:
 
 
 class AtomicPackDir:
-    """Context for writing one pack: ``.tmp`` is where files go; ``commit()`` publishes them under ``final``."""
+    """Context for writing one pack: ``.tmp`` is where files go; ``commit()`` publishes them under ``final``.
 
-    def __init__(self, final: str | os.PathLike, force: bool = False):
+    ``marker`` is the file that identifies a folder this may replace, ``what`` names that kind of folder in messages.
+    """
+
+    def __init__(self, final: str | os.PathLike, force: bool = False, marker: str = MANIFEST_NAME,
+                 what: str = "a wanpack pack"):  # fmt: skip
         self.final = Path(final).absolute()
-        if self.final.exists():
+        empty_dir = self.final.is_dir() and not any(self.final.iterdir())
+        if self.final.exists() and not empty_dir:
             if not force:
                 raise UsageError(f"{self.final} already exists - choose another --out or pass --force to replace it")
-            if not self.final.is_dir() or (any(self.final.iterdir()) and not (self.final / MANIFEST_NAME).is_file()):
-                raise UsageError(f"{self.final} exists and is not a wanpack pack - refusing to replace it even with "
+            if not self.final.is_dir() or not (self.final / marker).is_file():
+                raise UsageError(f"{self.final} exists and is not {what} - refusing to replace it even with "
                                  "--force; choose another --out")  # fmt: skip
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self._remove_stale()

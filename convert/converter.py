@@ -506,7 +506,8 @@ def _manifest(source_dir: Path, jobs: list[ComponentJob], shas: dict[str, str], 
         for f in job.source.files:
             files.append(SourceFile(name=f.name, size=f.stat().st_size, sha256=(hashes or {}).get(f.name)))
     kinds = sorted({j.source.kind for j in jobs})
+    synthetic = "synthetic" in kinds or bool(_declared(source_dir))  # random weights: generated, or a `wanpack synth` folder
     lora_info = [{"file": lo.path.name, "strength": lo.strength, "sha256": sha256_file(lo.path)} for lo in loras]
     return Manifest(format="wanpack", format_version=1, created_by=f"wanpack {__version__}",
                     source=SourceInfo(kind="+".join(kinds), path=str(source_dir.absolute()), files=files,
-                                      lora=lora_info), components=components)  # fmt: skip
+                                      lora=lora_info, synthetic=synthetic), components=components)  # fmt: skip

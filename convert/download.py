@@ -586,7 +586,7 @@ def _resolve_cached(name: str) -> DownloadResult:
     try:
         request = make_request(name)
     except UsageError:
-        raise SourceError(f"{name!r} is neither a folder nor a catalog name - pass the checkpoint folder, "
+        raise UsageError(f"{name!r} is neither a folder nor a catalog name - pass the checkpoint folder, "
                           "or a name from `wanpack download --list`") from None  # fmt: skip
     settings = HubSettings.from_env()
     try:

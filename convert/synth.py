@@ -3,7 +3,8 @@
 Nothing in tests or CI may download real weights, so every test, benchmark and the embedded demo start here. The
 files are byte-for-byte the formats the hub uses: the DiT as one or K safetensors shards (+ the index json), the
 T5, CLIP and VAE as torch state-dict ``.pth`` files, and a config.json with the hub's fields. Values are seeded per
-tensor name, so the same key gets the same values whatever the sharding or the order of writing.
+tensor name, so the same key gets the same values whatever the sharding or the order of writing. The folder appears
+atomically, as a pack does (convert/atomic.py): written into a hidden sibling and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from wanpack.convert.atomic import AtomicPackDir
 from wanpack.convert.safetensors_io import PlannedTensor, ShardWriter, plan_shard, st_dtype
 from wanpack.convert.synth_tokenizer import synth_tokenizer
 from wanpack.errors import UsageError
@@ -40,7 +42,8 @@ HUB_FILES = {
 }
 TOKENIZER_DIR = "google/umt5-xxl"
 SOURCE_DTYPES = {"t5": torch.bfloat16, "clip": torch.float32, "vae": torch.float32}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the DiT dtypes Wan2.1 checkpoints are published in
+OnBytes = Callable[[int], None]  # called with the bytes of each tensor written (progress)
 
 
 def dit_shard_name(i: int, k: int) -> str:
@@ -107,17 +110,20 @@ def _chunks_by_bytes(specs: list[TensorSpec], k: int, itemsize: int) -> list[lis
     return [g for g in groups if g]
 
 
-def _write_st(path: Path, specs: list[TensorSpec], seed: int, dtype: torch.dtype) -> int:
+def _write_st(path: Path, specs: list[TensorSpec], seed: int, dtype: torch.dtype, on_bytes: OnBytes) -> int:
     entries = [PlannedTensor(s.name, st_dtype(dtype), s.shape) for s in specs]
     layout = plan_shard(entries, {"format": "pt"}, group_align=1, tensor_align=1)
     with ShardWriter(path, layout) as w:
         for s in specs:
-            w.write(s.name, random_tensor(s, seed, dtype))
+            t = random_tensor(s, seed, dtype)
+            w.write(s.name, t)
+            on_bytes(t.numel() * t.element_size())
         w.close()
     return layout.file_size
 
 
-def synth_dit(out: Path, cfg: DiTConfig, *, dtype: torch.dtype = torch.float32, shards: int = 1, seed: int = 0) -> list[Path]:
+def synth_dit(out: Path, cfg: DiTConfig, *, dtype: torch.dtype = torch.float32, shards: int = 1, seed: int = 0,
+              on_bytes: OnBytes = lambda n: None) -> list[Path]:  # fmt: skip
     """Write config.json and the DiT weights (one file, or ``shards`` files + index json) into ``out``."""
     if shards < 1:
         raise UsageError(f"--shards must be at least 1, got {shards}")
@@ -126,13 +132,13 @@ def synth_dit(out: Path, cfg: DiTConfig, *, dtype: torch.dtype = torch.float32, 
     specs = sorted(component_tensors(cfg), key=lambda s: s.name)  # the hub's files are key-sorted
     itemsize = torch.empty((), dtype=dtype).element_size()
     if shards == 1:
-        _write_st(out / DIT_SINGLE, specs, seed, dtype)
+        _write_st(out / DIT_SINGLE, specs, seed, dtype, on_bytes)
         return [out / DIT_SINGLE]
     groups = _chunks_by_bytes(specs, shards, itemsize)
     weight_map, paths = {}, []
     for i, group in enumerate(groups, start=1):
         name = dit_shard_name(i, len(groups))
-        _write_st(out / name, group, seed, dtype)
+        _write_st(out / name, group, seed, dtype, on_bytes)
         weight_map.update({s.name: name for s in group})
         paths.append(out / name)
     total = sum(math.prod(s.shape) * itemsize for s in specs)
@@ -150,13 +156,19 @@ def _extra_clip_tensors(cfg: CLIPConfig) -> Iterator[TensorSpec]:
     yield TensorSpec("textual.token_embedding.weight", (32, 16))
 
 
-def synth_pth(path: Path, cfg, *, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+def _pth_specs(cfg) -> list[TensorSpec]:
+    specs = list(component_tensors(cfg))
+    return specs + list(_extra_clip_tensors(cfg)) if isinstance(cfg, CLIPConfig) else specs
+
+
+def synth_pth(path: Path, cfg, *, seed: int = 0, dtype: torch.dtype | None = None,
+              on_bytes: OnBytes = lambda n: None) -> Path:  # fmt: skip
     """Write a T5, CLIP or VAE source as a torch state-dict .pth, like the hub's files."""
     dtype = dtype or SOURCE_DTYPES[cfg.kind]
-    specs = list(component_tensors(cfg))
-    if isinstance(cfg, CLIPConfig):
-        specs += list(_extra_clip_tensors(cfg))
-    state = {s.name: random_tensor(s, seed, dtype) for s in specs}
+    state = {}
+    for s in _pth_specs(cfg):
+        state[s.name] = random_tensor(s, seed, dtype)
+        on_bytes(state[s.name].numel() * state[s.name].element_size())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -189,28 +201,58 @@ def synth_lora(path: Path, cfg: DiTConfig, *, rank: int = 4, seed: int = 0, styl
 
 
 def synth_checkpoint(out: str | os.PathLike, arch: str, *, layers: int | None = None, dim_scale: str = "full",
-                     dtype: str = "fp32", shards: int = 1, seed: int = 0,
-                     components: tuple[str, ...] = ("dit",)) -> dict[str, list[Path]]:  # fmt: skip
-    """The whole hub folder for ``arch``: DiT plus the requested encoders (clip only for i2v)."""
+                     dtype: str = "fp32", shards: int = 1, seed: int = 0, components: tuple[str, ...] = ("dit",),
+                     force: bool = False,
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, list[Path]]:  # fmt: skip
+    """The whole hub folder for ``arch``: DiT plus the requested encoders (clip only for i2v), published atomically.
+
+    An existing non-empty ``out`` is replaced only with ``force``, and only if it is a synthetic checkpoint.
+    ``progress(done, total)`` gets the tensor bytes written so far. Returns the files written, under ``out``.
+    """
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r} - choose one of: {', '.join(DTYPES)}")
-    out = Path(out)
+    if shards < 1:
+        raise UsageError(f"--shards must be at least 1, got {shards}")
     cfg = dit_config(arch, layers=layers, dim_scale=dim_scale)
-    written: dict[str, list[Path]] = {}
-    configs = {"dit": config_to_dict(cfg)}
-    for kind in ("t5", "clip", "vae"):
-        configs[kind] = config_to_dict(encoder_config(kind, dim_scale=dim_scale))
-    out.mkdir(parents=True, exist_ok=True)
-    declaration = {"arch": arch, "dim_scale": dim_scale, "seed": seed, "note": "random weights made by wanpack synth",
-                   "configs": configs}  # fmt: skip
-    (out / SYNTH_DECLARATION).write_text(json.dumps(declaration, indent=1) + "\n")
-    if "dit" in components:
-        written["dit"] = synth_dit(out, cfg, dtype=DTYPES[dtype], shards=shards, seed=seed)
-    for kind in ("t5", "clip", "vae"):
-        if kind not in components or (kind == "clip" and cfg.model_type != "i2v"):
-            continue
-        enc = encoder_config(kind, dim_scale=dim_scale)
-        written[kind] = [synth_pth(out / HUB_FILES[kind], enc, seed=seed)]
-        if kind == "t5":  # the hub ships the tokenizer next to the T5 weights
-            written["tokenizer"] = synth_tokenizer(out / TOKENIZER_DIR, vocab_size=enc.vocab, max_length=enc.text_len)
-    return written
+    encoders = {kind: encoder_config(kind, dim_scale=dim_scale) for kind in ("t5", "clip", "vae")}
+    wanted = [k for k in encoders if k in components and (k != "clip" or cfg.model_type == "i2v")]
+    total = _dit_bytes(cfg, DTYPES[dtype]) if "dit" in components else 0
+    total += sum(_pth_bytes(encoders[k]) for k in wanted)
+    done = [0]
+
+    def on_bytes(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    target = AtomicPackDir(out, force=force, marker=SYNTH_DECLARATION, what="a synthetic checkpoint")
+    try:
+        tmp = target.tmp
+        configs = {"dit": config_to_dict(cfg), **{k: config_to_dict(c) for k, c in encoders.items()}}
+        declaration = {"arch": arch, "dim_scale": dim_scale, "seed": seed,
+                       "note": "random weights made by wanpack synth", "configs": configs}  # fmt: skip
+        (tmp / SYNTH_DECLARATION).write_text(json.dumps(declaration, indent=1) + "\n")
+        written: dict[str, list[Path]] = {}
+        if "dit" in components:
+            written["dit"] = synth_dit(tmp, cfg, dtype=DTYPES[dtype], shards=shards, seed=seed, on_bytes=on_bytes)
+        for kind in wanted:
+            enc = encoders[kind]
+            written[kind] = [synth_pth(tmp / HUB_FILES[kind], enc, seed=seed, on_bytes=on_bytes)]
+            if kind == "t5":  # the hub ships the tokenizer next to the T5 weights
+                written["tokenizer"] = synth_tokenizer(tmp / TOKENIZER_DIR, vocab_size=enc.vocab,
+                                                       max_length=enc.text_len)  # fmt: skip
+        target.commit()
+    except BaseException:
+        target.abort()
+        raise
+    return {k: [Path(out) / p.relative_to(tmp) for p in paths] for k, paths in written.items()}
+
+
+def _dit_bytes(cfg: DiTConfig, dtype: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(s.shape) * itemsize for s in component_tensors(cfg))
+
+
+def _pth_bytes(cfg) -> int:
+    itemsize = torch.empty((), dtype=SOURCE_DTYPES[cfg.kind]).element_size()
+    return sum(math.prod(s.shape) * itemsize for s in _pth_specs(cfg))

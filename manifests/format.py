@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from wanpack.errors import PackFormatError
+from wanpack.errors import PackFormatError, UsageError
 
 FORMAT_NAME = "wanpack"
 FORMAT_VERSION = 1
@@ -129,6 +129,7 @@ class SourceInfo:
     path: str
     files: list[SourceFile] = field(default_factory=list)
     lora: list[dict] = field(default_factory=list)
+    synthetic: bool = False  # random weights (wanpack synth): every run says so; absent in older manifests = False
 
 
 @dataclass
@@ -221,7 +222,8 @@ def manifest_from_dict(data: dict, where: str = MANIFEST_NAME) -> Manifest:
     try:
         src = data["source"]
         source = SourceInfo(kind=src["kind"], path=src["path"], files=[SourceFile(**f) for f in src.get("files", [])],
-                            lora=list(src.get("lora", [])))  # fmt: skip
+                            lora=list(src.get("lora", [])), synthetic=src.get("synthetic", False))  # fmt: skip
+        _check(isinstance(source.synthetic, bool), where, "source.synthetic is not true or false")
         components = {}
         for name, c in data["components"].items():
             shards = [ShardEntry(path=s["path"], size=s["size"], sha256=s["sha256"], block=s["block"],
@@ -244,8 +246,9 @@ def manifest_from_dict(data: dict, where: str = MANIFEST_NAME) -> Manifest:
 def read_manifest(pack_dir: str | os.PathLike) -> Manifest:
     """Read and validate ``PACK_DIR/manifest.json``."""
     path = Path(pack_dir) / MANIFEST_NAME
-    if not Path(pack_dir).is_dir():
-        raise PackFormatError(f"{pack_dir}: not a directory - pass the folder that `wanpack convert --out` created")
+    if not Path(pack_dir).is_dir():  # a path the user mistyped: a usage error (exit 2), not a damaged pack
+        what = "not a directory" if Path(pack_dir).exists() else "no such folder"
+        raise UsageError(f"{pack_dir}: {what} - pass the folder that `wanpack convert --out` created")
     if not path.is_file():
         raise PackFormatError(f"{path}: no manifest - this folder is not a finished wanpack pack; convert again")
     if path.stat().st_size > MAX_MANIFEST_BYTES:

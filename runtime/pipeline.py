@@ -294,7 +294,8 @@ def run(req: RunRequest, progress: Progress = lambda event, info: None) -> RunRe
         torch.cuda.reset_peak_memory_stats()
     timer = StageTimer(sync=device.type == "cuda")
     record = RunRecord(command=req.command, seed=seed, config=cfg.to_dict(), pack=None if req.synthetic else str(req.pack),
-                       manifest_sha256=file_sha256(Path(req.pack) / "manifest.json"), synthetic_weights=req.synthetic,
+                       manifest_sha256=file_sha256(Path(req.pack) / "manifest.json"),
+                       synthetic_weights=req.synthetic or checked.manifest.source.synthetic,
                        prompt=req.prompt, image=str(req.image) if req.image else None, video=str(req.out),
                        height=checked.height, width=checked.width)  # fmt: skip
     prompts = [req.prompt] + ([cfg.negative_prompt] if cfg.cfg_active else [])

@@ -214,3 +214,88 @@ def test_synth_command(tmp_path):
     assert {"config.json", "diffusion_pytorch_model.safetensors.index.json", "Wan2.1_VAE.pth",
             "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", "models_t5_umt5-xxl-enc-bf16.pth"} <= names  # fmt: skip
     one_line_error(run("synth", "--arch", "wan3", "--out", tmp_path / "x"), "unknown architecture")
+
+
+def test_synth_refuses_bad_flags_and_leaves_nothing(tmp_path):
+    tiny = ["synth", "--dim-scale", "tiny", "--layers", "1"]
+    for args, fragment in ((["--dtype", "fp16"], "fp16"), (["--quant", "fp8"], "--as-pack"), (["--shards", "0"], "--shards"),
+                           (["--as-pack", "--quant", "int4"], "int4")):  # fmt: skip
+        result = run(*tiny, *args, "--out", tmp_path / "s")
+        assert result.exit_code == 2, (args, result.output)
+        one_line_error(result, fragment)
+        assert list(tmp_path.iterdir()) == [], args  # no folder, no hidden temp folder
+
+
+def test_synth_is_atomic_and_replaces_only_with_force(tmp_path):
+    out = tmp_path / "s"
+    tiny = ["synth", "--dim-scale", "tiny", "--layers", "1", "--out", out]
+    assert run(*tiny).exit_code == 0
+    first = (out / DIT_SINGLE).read_bytes()
+    one_line_error(run(*tiny, "--seed", "1"), "already exists", "--force")
+    assert (out / DIT_SINGLE).read_bytes() == first
+    result = run(*tiny, "--seed", "1", "--force")
+    assert result.exit_code == 0, result.output
+    assert (out / DIT_SINGLE).read_bytes() != first
+    assert "synth: " in result.output  # progress (plain lines when not on a terminal)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    one_line_error(run("synth", "--dim-scale", "tiny", "--layers", "1", "--out", mine, "--force"), "not a synthetic")
+    assert (mine / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "s"]
+
+
+def test_interrupted_synth_leaves_nothing(tmp_path):
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "wanpack", "synth", "--layers", "2", "--out", str(out)]  # full width: ~450 MB
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        tmps = [p for p in tmp_path.iterdir() if ".wanpack-tmp-" in p.name]
+        if tmps and any(tmps[0].glob("*.safetensors")):
+            break
+        time.sleep(0.005)
+    else:
+        pytest.fail("synth never started writing")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"Traceback" not in stderr, stderr.decode()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_random_weight_packs_are_marked(tmp_path):
+    assert run("synth", "--dim-scale", "tiny", "--layers", "1", "--as-pack", "--out", tmp_path / "p").exit_code == 0
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text())["source"]["synthetic"] is True
+    assert run("synth", "--dim-scale", "tiny", "--layers", "1", "--out", tmp_path / "src").exit_code == 0
+    assert run("convert", tmp_path / "src", "--out", tmp_path / "c").exit_code == 0
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["source"]["synthetic"] is True
+    assert "RANDOM weights" in run("inspect", tmp_path / "c").output
+
+
+def test_missing_paths_are_usage_errors_and_error_lines_keep_brackets(tmp_path):
+    result = run("convert", tmp_path / "nope", "--out", tmp_path / "p")
+    assert result.exit_code == 2
+    one_line_error(result, "neither a folder")
+    for cmd in ("inspect", "verify", "plan"):
+        budgets = ["--vram-budget", "8GiB", "--ram-budget", "8GiB"] if cmd == "plan" else []
+        result = run(cmd, tmp_path / "no[/x]such[red]pack", *budgets)
+        assert result.exit_code == 2, (cmd, result.output)
+        one_line_error(result, "no[/x]such[red]pack: no such folder")  # markup in a path is text, not a tag
+
+
+def test_error_and_warning_lines_are_whole_when_piped(tmp_path):
+    """Piped stderr is not a terminal: rich would wrap at 80 columns unless told not to."""
+    env = {**os.environ, "COLUMNS": "80", "WANPACK_CACHE": str(tmp_path / "cache")}
+    long = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 3) / "pack"
+    proc = subprocess.run([sys.executable, "-m", "wanpack", "inspect", str(long)], capture_output=True, text=True,
+                          env=env)  # fmt: skip
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and str(long) in lines[0]
+    missing = tmp_path / "missing" / "v.mp4"  # the demo's warning comes first, then the refusal of --out
+    proc = subprocess.run([sys.executable, "-m", "wanpack", "run", "--out", str(missing)], capture_output=True,
+                          text=True, env=env)  # fmt: skip
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and lines[-1].startswith("error: ") and str(missing.parent) in lines[-1], proc.stderr
+    warning = next(ln for ln in lines if ln.startswith("no --pack given"))
+    assert len(warning) > 80 and warning.endswith("not your prompt"), proc.stderr

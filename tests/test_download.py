@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from wanpack.cli import app
 from wanpack.convert import download as dl
 from wanpack.convert.synth import SYNTH_DECLARATION
-from wanpack.errors import SourceError
+from wanpack.errors import SourceError, UsageError
 from wanpack.manifests.arch import DIT_ARCHS
 from wanpack.manifests.catalog import COMPONENTS, find_entry, load_catalog
 from wanpack.manifests.run_config import preset_names
@@ -264,7 +264,7 @@ def test_resolve_source_paths_and_errors(hub: FakeHub, repo: FakeRepo, tmp_path:
     assert run("t2v-14b", "-c", "dit").exit_code == 0  # a partial download is enough: convert checks what it needs
     assert dl.resolve_source("t2v-14b") == snapshot(tmp_path, repo)
     assert dl.resolve_components("t2v-14b")["t5"] == []
-    with pytest.raises(SourceError, match="neither a folder nor a catalog name"):
+    with pytest.raises(UsageError, match="neither a folder nor a catalog name"):
         dl.resolve_source("no-such-model")
 
 

@@ -1,4 +1,8 @@
-"""One place for how commands talk: results on stdout, progress and logs on stderr, errors as one line."""
+"""One place for how commands talk: results on stdout, progress and logs on stderr, errors as one line.
+
+Both consoles read rich markup: text from the user (paths, messages quoting them) goes through ``rich.markup.escape``
+first, or a ``[`` in a path would be taken for a tag and cut out of the line.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from rich.console import Console
 
 _WIDTH = None if sys.stdout.isatty() else 160  # pipes and CI logs get full-width tables, not 80 columns
 out = Console(highlight=False, width=_WIDTH)  # results (tables, summaries)
-err = Console(stderr=True, highlight=False)  # progress, logs, warnings
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # progress, logs, warnings: whole lines, never wrapped
 
 
 def debug_enabled() -> bool:

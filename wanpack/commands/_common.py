@@ -1,15 +1,19 @@
-"""Helpers every command shares: the error guard and option aliases used by more than one command."""
+"""Helpers every command shares: the error guard, checks of flag values, and the byte progress display."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import typer
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from wanpack.errors import WanpackError
-from wanpack.output import debug_enabled, err
+from wanpack.errors import UsageError, WanpackError
+from wanpack.output import debug_enabled, err, human_bytes
 
 F = TypeVar("F", bound=Callable)
 
@@ -24,10 +28,60 @@ def guarded(fn: F) -> F:
         except WanpackError as exc:
             if debug_enabled():
                 raise
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted - nothing half-written was left behind")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_choice(flag: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
+    """``value`` if it is one of ``choices``, else a usage error naming the flag as the user typed it."""
+    if value not in choices:
+        raise UsageError(f"{flag} {value!r} is not one of {', '.join(choices)} - pick one of those")
+    return value
+
+
+def check_at_least(flag: str, value: int | None, low: int) -> int | None:
+    """``value`` (or None: not given) if it is at least ``low``, else a usage error naming the flag."""
+    if value is not None and value < low:
+        raise UsageError(f"{flag} must be at least {low}, got {value}")
+    return value
+
+
+PLAIN_EVERY_S = 10.0  # piped output: one progress line this often, plus the last one
+
+
+@contextlib.contextmanager
+def byte_progress(label: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A ``(done, total)`` bytes callback drawn on stderr: a bar with speed and time left on a terminal, and plain
+    lines (percent, bytes, time left) when stderr is piped, so logs stay readable."""
+    if not enabled:
+        yield lambda done, total: None
+        return
+    if err.is_terminal:
+        columns = (TextColumn(escape(label)), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task(label, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+        return
+    start = last = time.perf_counter()
+    finished = False
+
+    def plain(done: int, total: int) -> None:
+        nonlocal last, finished
+        now = time.perf_counter()
+        if finished or total <= 0:
+            return
+        if done >= total:
+            finished = True
+            err.print(f"{escape(label)}: {human_bytes(total)} in {now - start:.1f} s")
+        elif now - last >= PLAIN_EVERY_S:
+            last = now
+            left = (now - start) * (total - done) / max(done, 1)
+            err.print(f"{escape(label)}: {100 * done / total:.0f}% ({human_bytes(done)} of {human_bytes(total)}), "
+                      f"about {left:.0f} s left")  # fmt: skip
+
+    yield plain

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.markup import escape
 
-from wanpack.commands._common import guarded
-from wanpack.output import err, human_bytes, out, print_json
+from wanpack.commands._common import byte_progress, guarded
+from wanpack.output import human_bytes, out, print_json
 
 
 @guarded
@@ -49,11 +49,8 @@ def convert(
     opts = ConvertOptions(quant=quant, save_by_block=save_by_block, components=components, arch=arch or catalog_arch,
                           loras=[(str(p), s) for p, s in zip(lora, strengths, strict=True)], keep_fp32=keep_fp32,
                           hash_source=hash_source, force=force)  # fmt: skip
-    columns = (TextColumn("converting"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
-        task = bar.add_task("convert", total=None)
-        manifest, stats = convert_checkpoint(source_path, out_dir, opts,
-                                             progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+    with byte_progress("converting", enabled=not json_out) as progress:
+        manifest, stats = convert_checkpoint(source_path, out_dir, opts, progress=progress)
     summary = {
         "pack": str(out_dir), "components": list(manifest.components), "quant": quant,
         "layout": "by_block" if save_by_block else "single", "source_bytes": stats.source_bytes,
@@ -63,7 +60,7 @@ def convert(
     if json_out:
         print_json(summary)
         return
-    out.print(f"wrote {out_dir} ({', '.join(manifest.components)}, {quant}, {summary['layout']}): "
+    out.print(f"wrote {escape(str(out_dir))} ({', '.join(manifest.components)}, {quant}, {summary['layout']}): "
               f"source {human_bytes(stats.source_bytes)} -> pack {human_bytes(stats.pack_bytes)} in "
               f"{stats.seconds:.1f} s ({stats.gbps:.2f} GB/s), peak RSS {human_bytes(stats.peak_rss_bytes)}")  # fmt: skip
 

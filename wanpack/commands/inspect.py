@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from wanpack.commands._common import guarded
@@ -30,8 +31,9 @@ def inspect(
     if json_out:
         print_json(asdict(manifest))
         return
-    out.print(f"[bold]{pack}[/]  format {manifest.format} v{manifest.format_version}, {manifest.created_by}; "
-              f"source: {manifest.source.kind} ({len(manifest.source.files)} files)")  # fmt: skip
+    out.print(f"[bold]{escape(str(pack))}[/]  format {manifest.format} v{manifest.format_version}, {manifest.created_by}; "
+              f"source: {manifest.source.kind} ({len(manifest.source.files)} files)"
+              f"{'; RANDOM weights (wanpack synth)' if manifest.source.synthetic else ''}")  # fmt: skip
     summary = Table(title="components")
     for col in ("component", "arch", "quant", "layout", "blocks", "shards", "size", "largest block", "phases"):
         summary.add_column(col)

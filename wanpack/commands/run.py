@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from wanpack.commands._common import guarded
 from wanpack.output import err, human_bytes, out, print_json
@@ -67,8 +68,8 @@ def run(
                  "tiny_vae": True if tiny_vae else None, "tiny_vae_path": str(tiny_vae) if tiny_vae else None}  # fmt: skip
     if granularity is not None:
         overrides.update({"offload_granularity": granularity, "cpu_offload": granularity != "model"})
-    synthetic = pack is None
-    if synthetic:
+    demo = pack is None
+    if demo:
         from wanpack.demo import DEMO_PROMPT, DEMO_SETTINGS, demo_pack
 
         err.print("[yellow]no --pack given: running the embedded demo model - tiny, RANDOM weights; the video shows "
@@ -76,13 +77,16 @@ def run(
         pack = demo_pack(log=err.print)
         prompt = prompt or DEMO_PROMPT
         overrides = {**DEMO_SETTINGS, **{k: v for k, v in overrides.items() if v is not None}}
+    elif _random_weights(pack):
+        err.print(f"[yellow]{escape(str(pack))} holds RANDOM weights (made by `wanpack synth`): the video shows noise "
+                  "patterns, not your prompt[/]")  # fmt: skip
     if not prompt:
         from wanpack.errors import UsageError
 
         raise UsageError("--prompt is required - say what the video should show")
     cfg = resolve_run_config(preset, config, overrides)
     request = RunRequest(pack=pack, prompt=prompt, out=out_path, config=cfg, image=image, device=device,
-                         synthetic=synthetic, command=["wanpack", *sys.argv[1:]], overwrite=overwrite,
+                         synthetic=demo, command=["wanpack", *sys.argv[1:]], overwrite=overwrite,
                          config_file=config)  # fmt: skip
     record = run_pipeline(request, _Reporter(json_out))
     if json_out:
@@ -94,9 +98,20 @@ def run(
     size = f"{record.width}x{record.height}"
     if (record.width, record.height) != (cfg.width, cfg.height):
         size += f" (asked {cfg.width}x{cfg.height}: same area, the image's aspect)"
-    out.print(f"wrote {out_path} ({size}, {cfg.frames} frames, seed {record.seed}"
-              f"{', RANDOM demo weights' if synthetic else ''}): {times}{peak}, "
+    out.print(f"wrote {escape(str(out_path))} ({size}, {cfg.frames} frames, seed {record.seed}"
+              f"{', RANDOM weights' if record.synthetic_weights else ''}): {times}{peak}, "
               f"peak RSS {human_bytes(record.peak_rss_bytes or 0)}", soft_wrap=True)  # fmt: skip
+
+
+def _random_weights(pack: Path) -> bool:
+    """Whether the pack's manifest marks its weights as random (a missing or bad pack is reported by the run's checks)."""
+    from wanpack.errors import WanpackError
+    from wanpack.manifests.format import read_manifest
+
+    try:
+        return read_manifest(pack).source.synthetic
+    except WanpackError:
+        return False
 
 
 class _Reporter:

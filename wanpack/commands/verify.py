@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from wanpack.commands._common import guarded
 from wanpack.output import err, out, print_json
@@ -28,11 +29,11 @@ def verify(
         print_json({"pack": str(pack), "checked": checked, "bad": problems})
     if problems:
         for path, why in problems.items():
-            err.print(f"[red]bad:[/] {path}: {why}")
+            err.print(f"[red]bad:[/] {escape(f'{path}: {why}')}")
         raise VerificationError(f"{len(problems)} of {checked} files in {pack} do not match the manifest - "
                                 "convert the pack again")  # fmt: skip
     if not json_out:
-        out.print(f"ok: {checked} files in {pack} match the manifest")
+        out.print(f"ok: {checked} files in {escape(str(pack))} match the manifest")
 
 
 def register(app: typer.Typer) -> None:
