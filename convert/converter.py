@@ -178,6 +178,8 @@ def open_component(kind: str, source_dir: Path, opts: ConvertOptions, declared: 
             cfg = archs.dit_config_from_hub(source.config, arch_name)
         else:
             cfg = archs.dit_config(arch_name, layers=_count_blocks(source.tensors))
+        if opts.arch:
+            archs.check_arch_matches(cfg, opts.arch, declared.get("arch"))
         return source, cfg, arch_name, ()
     if not source_dir.is_dir():
         raise UsageError(f"--component {kind} needs the model folder as SOURCE, got the file {source_dir}")

@@ -247,6 +247,36 @@ def dit_config_from_hub(hub: dict, arch: str) -> DiTConfig:
     return dataclasses.replace(base, **{k: v for k, v in hub.items() if k in fields})
 
 
+# The fields that decide a DiT's tensor shapes: what --arch must agree with (layer count aside).
+DIT_SHAPE_FIELDS = ("model_type", "dim", "ffn_dim", "num_heads", "in_dim", "out_dim", "freq_dim", "text_dim",
+                    "image_dim", "patch_size")  # fmt: skip
+
+
+def _dit_shape(cfg: DiTConfig) -> tuple:
+    return tuple(tuple(v) if isinstance(v, list | tuple) else v for v in (getattr(cfg, f) for f in DIT_SHAPE_FIELDS))
+
+
+def archs_matching(cfg: DiTConfig) -> list[str]:
+    """The DiT architectures whose shapes (at real or tiny widths) are those of ``cfg``."""
+    return [a for a in DIT_ARCHS if any(_dit_shape(dit_config(a, dim_scale=s)) == _dit_shape(cfg) for s in DIM_SCALES)]
+
+
+def check_arch_matches(cfg: DiTConfig, arch: str, declared: str | None = None) -> None:
+    """A user's --arch must describe the checkpoint: the architecture a synthetic checkpoint declares, and the shapes
+    its config gives (real widths, or the tiny ones of tests) - never a label pasted on other weights."""
+    want = dit_config(arch)  # an unknown name fails here, naming the known ones
+    if declared and declared != arch:
+        raise UsageError(f"--arch {arch} but the checkpoint declares {declared} - pass --arch {declared} or drop --arch")
+    if arch in archs_matching(cfg):
+        return
+    field = next(f for f in DIT_SHAPE_FIELDS if _dit_shape(dataclasses.replace(want, **{f: getattr(cfg, f)}))
+                 != _dit_shape(want))  # fmt: skip
+    fits = archs_matching(cfg)
+    hint = f"pass --arch {fits[0]}" if fits else "it is not a Wan2.1 DiT wanpack knows"
+    raise UsageError(f"--arch {arch} does not match the checkpoint: its {field} is {getattr(cfg, field)}, {arch} has "
+                     f"{getattr(want, field)} - {hint}")  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------------- layouts
 
 

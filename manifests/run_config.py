@@ -188,8 +188,14 @@ def _unknown_key(where: str, key: str) -> UsageError:
     return UsageError(f"unknown config key {key!r} in {where} - {hint} (docs/SAMPLING.md lists every key)")
 
 
-def normalize_layer(data: Mapping[str, Any], where: str, *, allow_internal: bool = False) -> dict[str, Any]:
-    """Map aliases to RunConfig fields, reject unknown/duplicate keys, type-check values. Returns {field: value}."""
+def normalize_layer(data: Mapping[str, Any], where: str, *, allow_internal: bool = False,
+                    labels: Mapping[str, str] | None = None, names: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Map aliases to RunConfig fields, reject unknown/duplicate keys, type-check values. Returns {field: value}.
+
+    Messages name each setting as the user wrote it: its key, or ``labels[key]`` (the command-line flag it came
+    from). ``names``, when given, receives {field: that name} for the later cross-field checks.
+    """
+    labels = labels or {}
     if not isinstance(data, Mapping):
         raise UsageError(f"{where} must hold a JSON object of settings - e.g. {{\"steps\": 40}}")
     out: dict[str, Any] = {}
@@ -201,7 +207,9 @@ def normalize_layer(data: Mapping[str, Any], where: str, *, allow_internal: bool
         if field in given:
             raise UsageError(f"{where} sets {field} twice ({given[field]!r} and {key!r}) - keep one of them")
         given[field] = key
-        out[field] = _coerce(where, key, field, value)
+        out[field] = _coerce(where, labels.get(key, key), field, value)
+    if names is not None:
+        names.update({field: labels.get(key, key) for field, key in given.items()})
     return out
 
 
@@ -237,7 +245,7 @@ def preset_description(name: str) -> str:
     return json.loads((PRESET_DIR / f"{name}.json").read_text(encoding="utf-8")).get("description", "")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, names: dict[str, str] | None = None) -> dict[str, Any]:
     """A user's --config JSON, normalized (aliases mapped, unknown keys rejected)."""
     path = Path(path)
     try:
@@ -248,23 +256,30 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"config {path} is not valid JSON (line {exc.lineno}: {exc.msg}) - fix the file") from None
-    return normalize_layer(data, f"config {path.name}")
+    return normalize_layer(data, f"config {path.name}", names=names)
 
 
 def resolve_run_config(preset: str | None = None, config: str | Path | Mapping[str, Any] | None = None,
-                       overrides: Mapping[str, Any] | None = None) -> RunConfig:  # fmt: skip
-    """Defaults < preset < config (file path or dict) < overrides (None values skipped), validated as a whole."""
+                       overrides: Mapping[str, Any] | None = None,
+                       flags: Mapping[str, str] | None = None) -> RunConfig:  # fmt: skip
+    """Defaults < preset < config (file path or dict) < overrides (None values skipped), validated as a whole.
+
+    ``flags`` maps override fields to the command-line flags that set them, so errors name what the user typed.
+    """
     current = {name: f.default for name, f in FIELDS.items()}
+    names: dict[str, str] = {}
     if preset is not None:
         _apply(current, load_preset(preset))
         current["preset"] = preset
     if config is not None:
-        layer = normalize_layer(config, "config") if isinstance(config, Mapping) else read_config_file(config)
+        layer = (normalize_layer(config, "config", names=names) if isinstance(config, Mapping)
+                 else read_config_file(config, names))  # fmt: skip
         _apply(current, layer)
     if overrides:
-        _apply(current, normalize_layer({k: v for k, v in overrides.items() if v is not None}, "command line"))
+        given = {k: v for k, v in overrides.items() if v is not None}
+        _apply(current, normalize_layer(given, "command line", labels=flags, names=names))
     cfg = RunConfig(**current)
-    validate(cfg)
+    validate(cfg, names)
     return cfg
 
 
@@ -275,25 +290,30 @@ def _nearest_4n1(frames: int) -> int:
     return max(1, 4 * int((frames - 1) / 4 + 0.5) + 1)
 
 
-def validate(cfg: RunConfig) -> None:
-    """Cross-field and range checks; each failure one line saying what to change."""
+def validate(cfg: RunConfig, names: Mapping[str, str] | None = None) -> None:
+    """Cross-field and range checks; each failure one line saying what to change, naming each setting as the user
+    wrote it (``names``: field -> config key or command-line flag; the field name otherwise)."""
+    name_of = (names or {}).get
     if cfg.frames < 1 or (cfg.frames - 1) % 4:
-        raise UsageError(f"frames must be 4n+1 (e.g. 81), got {cfg.frames} - use {_nearest_4n1(cfg.frames)}")
+        raise UsageError(f"{name_of('frames', 'frames')} must be 4n+1 (e.g. 81), got {cfg.frames} - use "
+                         f"{_nearest_4n1(cfg.frames)}")  # fmt: skip
     for name in ("height", "width"):
         value = getattr(cfg, name)
         if value < 16 or value % 16:
             fix = max(16, int(value / 16 + 0.5) * 16)
-            raise UsageError(f"{name} must be a positive multiple of 16, got {value} - use {fix}")
-    _check_range(cfg.steps >= 1, "steps", cfg.steps, "at least 1")
-    _check_range(cfg.shift > 0, "shift", cfg.shift, "positive (5.0; 3.0 for I2V at 480p)")
-    _check_range(cfg.guidance > 0, "guidance", cfg.guidance, "positive (5.0 for the base models)")
-    _check_range(1 <= cfg.fps <= 240, "fps", cfg.fps, "between 1 and 240")
-    _check_range(1 <= cfg.num_disk_workers <= 64, "num_disk_workers", cfg.num_disk_workers, "between 1 and 64")
-    _check_range(cfg.rope_chunk_size >= 1, "rope_chunk_size", cfg.rope_chunk_size, "at least 1")
-    _check_range(cfg.seed is None or 0 <= cfg.seed < 2**63, "seed", cfg.seed, "between 0 and 2^63-1")
-    for name in ("vram_budget_gib", "ram_budget_gib"):
-        value = getattr(cfg, name)
-        _check_range(value is None or value > 0, name, value, "positive (GiB)")
+            raise UsageError(f"{name_of(name, name)} must be a positive multiple of 16, got {value} - use {fix}")
+    for ok, name, want in (
+        (cfg.steps >= 1, "steps", "at least 1"),
+        (cfg.shift > 0, "shift", "positive (5.0; 3.0 for I2V at 480p)"),
+        (cfg.guidance > 0, "guidance", "positive (5.0 for the base models)"),
+        (1 <= cfg.fps <= 240, "fps", "between 1 and 240"),
+        (1 <= cfg.num_disk_workers <= 64, "num_disk_workers", "between 1 and 64"),
+        (cfg.rope_chunk_size >= 1, "rope_chunk_size", "at least 1"),
+        (cfg.seed is None or 0 <= cfg.seed < 2**63, "seed", "between 0 and 2^63-1"),
+        (cfg.vram_budget_gib is None or cfg.vram_budget_gib > 0, "vram_budget_gib", "positive (GiB)"),
+        (cfg.ram_budget_gib is None or cfg.ram_budget_gib > 0, "ram_budget_gib", "positive (GiB)"),
+    ):
+        _check_range(ok, name_of(name, name), getattr(cfg, name), want)
     _validate_sampling(cfg)
     if cfg.tiny_vae and not cfg.tiny_vae_path:
         raise UsageError("tiny_vae (use_tae) is on but tiny_vae_path (tae_path) is not set - point it at taew2_1.pth")

@@ -27,6 +27,7 @@ from wanpack.runtime.models.tokenizer import T5Tokenizer
 from wanpack.runtime.models.vae import encode as vae_encode
 from wanpack.runtime.models.vae_tiling import decode_within, encode_within
 from wanpack.runtime.pack import PackComponent
+from wanpack.runtime.run_limits import check_video_size
 from wanpack.runtime.run_record import RunRecord, StageTimer, file_sha256, latents_path, sidecar_path, write_sidecar
 from wanpack.runtime.sampling import make_scheduler
 from wanpack.runtime.sampling.loop import denoise, i2v_latent_hw, initial_noise, latent_shape
@@ -120,15 +121,37 @@ def check_request(req: RunRequest) -> Checked:
         height, width = lat_h * 8, lat_w * 8
     elif req.image is not None:
         raise UsageError(f"{req.pack} holds a text-to-video model, which takes no --image - drop it or use an i2v pack")
+    check_video_size(cfg.frames, height, width, tuple(dit_cfg.patch_size), cfg.ram_budget_gib)
+    check_run_inputs(cfg)
     latent = latent_shape(cfg.frames, height, width, dit_cfg.out_dim)
     return Checked(manifest, dit_cfg, task, image, height, width, latent)
 
 
+def check_run_inputs(cfg: RunConfig) -> None:
+    """The settings read only late in a run, checked now: DTYPE (even on the CPU, which computes in fp32) and the
+    --tiny-vae file (it must exist and load as weights, never as code)."""
+    from wanpack.runtime.stream.env import compute_dtype
+
+    compute_dtype()
+    if cfg.tiny_vae:
+        from wanpack.runtime.models.tiny_vae import load_tiny_vae
+
+        load_tiny_vae(cfg.tiny_vae_path)
+
+
 def _device(requested: str | None) -> torch.device:
     if requested:
-        dev = torch.device(requested)
+        try:
+            dev = torch.device(requested)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {requested!r} is not cpu, cuda or cuda:N - pick one of those")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda asked for, but no CUDA device is available - drop --device")
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA devices - "
+                             "pick one of them")  # fmt: skip
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -285,6 +308,8 @@ def run(req: RunRequest, progress: Progress = lambda event, info: None) -> RunRe
     checked = check_request(req)
     cfg = req.config
     device = _device(req.device)
+    if device.type == "cuda":  # the planner's memory verdict before any compute (sample() plans the same run again)
+        _dit_engine_options(req.pack, checked, cfg, device, 2 if cfg.cfg_active else 1)
     from wanpack.runtime.stream.env import apply_alloc_conf, compute_dtype
 
     apply_alloc_conf()

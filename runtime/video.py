@@ -34,22 +34,23 @@ def require_av():
     return av
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Fail now, not after sampling, if ``path`` cannot be written: missing folder, a directory, no permission."""
+def check_output_path(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Fail now, not after sampling, if ``path`` cannot be written: missing folder, a directory, no permission.
+    ``flag`` is the option that named the path, for the message."""
     path = Path(path)
     if path.is_dir():
-        raise UsageError(f"output {path} is a directory - give a file name such as {path / 'video.mp4'}")
+        raise UsageError(f"{flag} {path} is a directory - give a file name such as {path / 'video.mp4'}")
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
-        raise UsageError(f"output folder {parent} is not a folder - choose another --out")
+        raise UsageError(f"output folder {parent} is not a folder - choose another {flag}")
     if not parent.is_dir():
-        raise UsageError(f"output folder {parent} does not exist - create it or choose another --out")
+        raise UsageError(f"output folder {parent} does not exist - create it or choose another {flag}")
     try:
         fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UsageError(f"cannot write to {parent} ({exc.strerror or exc}) - choose a writable --out") from None
+        raise UsageError(f"cannot write to {parent} ({exc.strerror or exc}) - choose a writable {flag}") from None
     return path
 
 

@@ -80,3 +80,18 @@ def test_random_block_weights_are_block_relative_and_quantized_like_the_converte
     assert all(t.dtype == torch.float32 for t in random_block_weights(specs, 0, "fp32").values())
     clip = random_block_weights(clip_tensors(encoder_config("clip", dim_scale="tiny")), 0, "bf16")
     assert "norm1.weight" in clip and not any(k.startswith("visual") for k in clip)
+
+
+def test_arch_is_checked_against_the_config_shapes():
+    from wanpack.errors import UsageError
+    from wanpack.manifests.arch import check_arch_matches, dit_config
+
+    small = dit_config("wan2.1-t2v-1.3b", layers=1)
+    with pytest.raises(UsageError, match="its dim is 1536, wan2.1-t2v-14b has 5120 - pass --arch wan2.1-t2v-1.3b"):
+        check_arch_matches(small, "wan2.1-t2v-14b")
+    with pytest.raises(UsageError, match="model_type is t2v"):
+        check_arch_matches(small, "wan2.1-i2v-14b")
+    check_arch_matches(small, "wan2.1-t2v-1.3b")
+    check_arch_matches(dit_config("wan2.1-i2v-14b", layers=2, dim_scale="tiny"), "wan2.1-i2v-14b")  # test widths
+    with pytest.raises(UsageError, match="declares wan2.1-i2v-14b"):
+        check_arch_matches(dit_config("wan2.1-t2v-14b", dim_scale="tiny"), "wan2.1-t2v-14b", "wan2.1-i2v-14b")

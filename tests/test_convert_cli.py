@@ -299,3 +299,16 @@ def test_error_and_warning_lines_are_whole_when_piped(tmp_path):
     assert proc.returncode == 2 and lines[-1].startswith("error: ") and str(missing.parent) in lines[-1], proc.stderr
     warning = next(ln for ln in lines if ln.startswith("no --pack given"))
     assert len(warning) > 80 and warning.endswith("not your prompt"), proc.stderr
+
+
+def test_convert_arch_must_match_the_source(src, tmp_path):
+    # src declares wan2.1-t2v-14b: another name is refused before anything is written
+    for arch, fragment in (("wan2.1-i2v-14b", "declares wan2.1-t2v-14b"), ("wan2.2-t2v", "unknown architecture")):
+        result = run("convert", src, "--arch", arch, "--out", tmp_path / "p")
+        assert result.exit_code == 2, result.output
+        one_line_error(result, fragment)
+        assert not (tmp_path / "p").exists()
+    hub = tmp_path / "hub"  # the same files without the synth declaration: only config.json and the shapes speak
+    shutil.copytree(src, hub, ignore=shutil.ignore_patterns("wanpack_synth.json"))
+    one_line_error(run("convert", hub, "--arch", "wan2.1-i2v-14b", "--out", tmp_path / "p"), "model_type 't2v'")
+    assert run("convert", src, "--arch", "wan2.1-t2v-14b", "--out", tmp_path / "ok").exit_code == 0

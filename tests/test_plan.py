@@ -145,3 +145,54 @@ def test_activation_model_matches_the_dit_accounting():
             ours = planner.activation_bytes(config_to_dict(cfg), parts["tokens"], 4096, cfg.num_layers)
             theirs = parts["peak"] + (cfg.num_layers - 1) * parts["cross_kv"]  # the cache holds every block's K/V
             assert abs(ours - theirs) <= 0.01 * theirs
+
+
+def _one_line_usage_error(res, fragment: str) -> None:
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert lines[-1].startswith("error:") and fragment in lines[-1], res.output
+
+
+def test_budget_flags_are_size_strings_and_bare_numbers_are_gib(pack):
+    res = runner.invoke(app, ["plan", str(pack), "--vram-budget", "8", "--ram-budget", "16", "--json"])
+    assert res.exit_code == 0, res.output  # was: 8 bytes, "needs at least"
+    data = json.loads(res.stdout)
+    assert (data["vram_budget"], data["ram_budget"]) == (8 * GiB, 16 * GiB)
+    res = runner.invoke(app, ["plan", str(pack), "--vram-budget", "8192MiB", "--ram-budget", "16GiB", "--json"])
+    assert json.loads(res.stdout)["vram_budget"] == 8 * GiB
+    _one_line_usage_error(runner.invoke(app, ["plan", str(pack), "--vram-budget", "8 gigs", "--ram-budget", "16"]),
+                          "--vram-budget '8 gigs'")  # fmt: skip
+    _one_line_usage_error(runner.invoke(app, ["plan", str(pack), "--vram-budget", "0", "--ram-budget", "16"]),
+                          "--vram-budget must be more than 0")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["plan", "--granularity", "bogus"], "--granularity 'bogus'"),
+        (["plan", "--cache", "bogus"], "--cache 'bogus'"),
+        (["plan", "--component", "t5"], "--component 't5'"),
+        (["bench", "--granularity", "bogus"], "--granularity 'bogus'"),
+        (["bench", "--model", "bogus"], "--model 'bogus'"),
+        (["bench", "--repeats", "0"], "--repeats must be at least 1"),
+        (["bench", "--disk-workers", "0"], "--disk-workers must be at least 1"),
+        (["bench", "--timeline", "MISSING/t.json"], "choose another --timeline"),
+        (["bench", "--dtype", "fp64"], "unknown dtype"),
+    ],
+)  # fmt: skip
+def test_plan_and_bench_refuse_bad_flags_before_any_work(pack, tmp_path, monkeypatch, args, fragment):
+    from wanpack.runtime.stream import bench
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the benchmark started before the flags were checked")
+
+    monkeypatch.setattr(bench, "run_suite", must_not_run)
+    cmd, *rest = args
+    rest = [a.replace("MISSING", str(tmp_path / "missing")) for a in rest]
+    res = runner.invoke(app, [cmd, str(pack), "--vram-budget", "8GiB", "--ram-budget", "8GiB", *rest])
+    _one_line_usage_error(res, fragment)
+
+
+def test_plan_component_help_says_what_it_accepts():
+    res = runner.invoke(app, ["plan", "--help"], env={"COLUMNS": "200"})
+    assert "dit, the only one the planner sizes" in res.output

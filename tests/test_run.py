@@ -47,7 +47,8 @@ def test_t2v_writes_decodable_mp4_and_sidecar(packs, tmp_path):
     frames, height, width, fps = read_video_info(video)
     assert (frames, height, width, fps) == (9, 64, 96, 16.0)
     side = json.loads(video.with_suffix(".json").read_text())
-    assert side["seed"] == 5 and side["config"]["steps"] == 3 and side["synthetic_weights"] is False
+    assert side["seed"] == 5 and side["config"]["steps"] == 3
+    assert side["synthetic_weights"] is True  # converted from a `wanpack synth` checkpoint: random weights
     assert {"text", "denoise", "decode", "write"} <= set(side["timings_s"])
     assert len(side["manifest_sha256"]) == 64
 
@@ -82,6 +83,9 @@ def test_demo_runs_with_no_pack(tmp_path, monkeypatch):
     assert json.loads(video.with_suffix(".json").read_text())["synthetic_weights"] is True
 
 
+TINY_RUN = ["--frames", 5, "--height", 32, "--width", 32, "--steps", 1]  # fast to run, should it get that far
+
+
 def _fails_fast(result, *fragments: str, started: float) -> None:
     assert result.exit_code != 0
     lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
@@ -89,6 +93,7 @@ def _fails_fast(result, *fragments: str, started: float) -> None:
     for f in fragments:
         assert f in " ".join(lines), (f, result.output)
     assert time.perf_counter() - started < 5.0  # refused before any heavy work
+    assert "denoise" not in result.output and "vram_budget_gib" not in result.output, result.output
 
 
 @pytest.mark.parametrize(
@@ -103,6 +108,14 @@ def _fails_fast(result, *fragments: str, started: float) -> None:
         ("output folder missing", ["--pack", "t2v", "--prompt", "x", "--out", "/nonexistent/dir/v.mp4"], ["does not exist"]),
         ("not a pack", ["--pack", "/tmp", "--prompt", "x"], ["no manifest"]),
         ("unknown config key", ["--pack", "t2v", "--prompt", "x", "--config", "cfg"], ["infer_stepz", "infer_steps"]),
+        ("size past the model", ["--pack", "t2v", "--prompt", "x", "--height", 100000, "--width", 100000], ["1024"]),
+        ("video past the RAM", ["--pack", "t2v", "--prompt", "x", "--ram-budget", "1MiB"], ["RAM", "--ram-budget"]),
+        ("unknown device", ["--pack", "t2v", "--prompt", "x", "--device", "tpu"], ["--device 'tpu'"]),
+        ("missing tiny VAE", ["--pack", "t2v", "--prompt", "x", "--tiny-vae", "nowhere", *TINY_RUN], ["does not exist"]),
+        ("corrupt tiny VAE", ["--pack", "t2v", "--prompt", "x", "--tiny-vae", "bad", *TINY_RUN], ["cannot read tiny VAE"]),
+        ("budget unreadable", ["--pack", "t2v", "--prompt", "x", "--vram-budget", "lots"], ["--vram-budget 'lots'"]),
+        ("flag named, not key", ["--pack", "t2v", "--prompt", "x", "--granularity", "bogus"], ["--granularity 'bogus'"]),
+        ("flag named, not field", ["--pack", "t2v", "--prompt", "x", "--disk-workers", 0], ["--disk-workers must"]),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )  # fmt: skip
@@ -110,7 +123,7 @@ def test_bad_input_is_refused_before_heavy_work(packs, tmp_path, case, args, fra
     (tmp_path / "bad.png").write_bytes(b"not an image")
     (tmp_path / "cfg.json").write_text(json.dumps({"infer_stepz": 4}))
     subst = {"i2v": packs["i2v"], "t2v": packs["t2v"], "image": packs["image"], "bad": tmp_path / "bad.png",
-             "cfg": tmp_path / "cfg.json"}  # fmt: skip
+             "cfg": tmp_path / "cfg.json", "nowhere": tmp_path / "missing.pth"}  # fmt: skip
     argv = ["run", *[subst.get(a, a) if isinstance(a, str) else a for a in args]]
     if "--out" not in args:
         argv += ["--out", tmp_path / "v.mp4"]
@@ -156,3 +169,40 @@ def test_outputs_never_lose_data(packs, tmp_path):
     assert result.exit_code == 0, result.output
     assert read_video_info(tmp_path / "old.mp4")[:3] == (5, 32, 32)
     _refused(run("run", *small, "--out", tmp_path / "old.mp4"), "old.mp4 already exists")
+
+
+def test_dtype_is_checked_before_compute(packs, tmp_path, monkeypatch):
+    monkeypatch.setenv("DTYPE", "bogus")  # read only on a GPU, but refused on every run
+    started = time.perf_counter()
+    result = run("run", "--pack", packs["t2v"], "--prompt", "x", "--out", tmp_path / "v.mp4")
+    assert result.exit_code == 2
+    _fails_fast(result, "DTYPE", started=started)
+
+
+def test_budgets_are_size_strings_and_bare_numbers_are_gib(packs, tmp_path):
+    video = tmp_path / "v.mp4"
+    result = run("run", "--pack", packs["t2v"], "--prompt", "x", "--frames", 5, "--height", 32, "--width", 32,
+                 "--steps", 1, "--vram-budget", "8GiB", "--ram-budget", "6", "--out", video)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = json.loads(video.with_suffix(".json").read_text())["config"]
+    assert (config["vram_budget_gib"], config["ram_budget_gib"]) == (8.0, 6.0)
+
+
+def test_random_weight_pack_says_so(tmp_path):
+    assert run("synth", "--dim-scale", "tiny", "--layers", "1", "-c", "all", "--as-pack", "--out", tmp_path / "p").exit_code == 0
+    video = tmp_path / "v.mp4"
+    result = run("run", "--pack", tmp_path / "p", "--prompt", "x", "--frames", 5, "--height", 32, "--width", 32,
+                 "--steps", 1, "--out", video)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "holds RANDOM weights" in result.output and "RANDOM weights)" in result.output
+    side = json.loads(video.with_suffix(".json").read_text())
+    assert side["synthetic_weights"] is True and side["pack"] == str(tmp_path / "p")
+
+
+@pytest.mark.gpu
+def test_planner_verdict_comes_before_any_compute(packs, tmp_path):
+    started = time.perf_counter()
+    result = run("run", "--pack", packs["t2v"], "--prompt", "x", "--vram-budget", "1MiB", "--out", tmp_path / "v.mp4")
+    assert result.exit_code == 2
+    _fails_fast(result, "needs at least", started=started)
+    assert "text (" not in result.output  # not even the T5 ran

@@ -110,7 +110,7 @@ def test_distill_implies_its_step_count_over_a_base_preset():
         ({"steps": 4, "infer_steps": 4}, "sets steps twice"),
         ({"use_tae": True, "use_tiny_vae": True, "tiny_vae_path": "x"}, "sets tiny_vae twice"),
         ({"frames": 80}, r"frames must be 4n\+1 .* use 81"),
-        ({"target_video_length": 0}, r"frames must be 4n\+1"),
+        ({"target_video_length": 0}, r"target_video_length must be 4n\+1"),
         ({"height": 479}, "height must be a positive multiple of 16, got 479 - use 480"),
         ({"target_width": 1000}, "width must be a positive multiple of 16, got 1000 - use 1008"),
         ({"steps": 0}, "steps must be at least 1"),

@@ -65,7 +65,8 @@ def load_tiny_vae(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any parse failure of a user-supplied file is the same user-facing error
-        raise SourceError(f"cannot read tiny VAE {path}: {err} - pass an intact taew2_1 file") from err
+        raise SourceError(f"cannot read tiny VAE {path}: not a safetensors or weights-only .pth file "
+                          f"({type(err).__name__}) - pass an intact taew2_1 file") from err  # fmt: skip
     if not isinstance(state, dict):
         raise SourceError(f"tiny VAE {path} is not a state dict - pass taew2_1.safetensors or taew2_1.pth")
     weights = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith("decoder.")}

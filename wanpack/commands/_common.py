@@ -37,9 +37,9 @@ def guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def check_choice(flag: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
-    """``value`` if it is one of ``choices``, else a usage error naming the flag as the user typed it."""
-    if value not in choices:
+def check_choice(flag: str, value: str | None, choices: tuple[str, ...] | list[str]) -> str | None:
+    """``value`` (or None: not given) if it is one of ``choices``, else a usage error naming the flag."""
+    if value is not None and value not in choices:
         raise UsageError(f"{flag} {value!r} is not one of {', '.join(choices)} - pick one of those")
     return value
 
@@ -49,6 +49,29 @@ def check_at_least(flag: str, value: int | None, low: int) -> int | None:
     if value is not None and value < low:
         raise UsageError(f"{flag} must be at least {low}, got {value}")
     return value
+
+
+GIB = 1 << 30
+BUDGET_HELP = "e.g. 8GiB or 512MiB; a bare number is GiB"
+
+
+def parse_budget(flag: str, text: str | None) -> int | None:
+    """A memory budget in bytes (None: not given), the same on every command: a size string (8GiB, 512MiB, 16G) or a
+    bare number, which means GiB (8 is 8 GiB, never 8 bytes)."""
+    if text is None:
+        return None
+    from wanpack.runtime.stream.planner import parse_size
+
+    try:
+        size = int(float(text) * GIB)
+    except ValueError:
+        try:
+            size = parse_size(text)
+        except UsageError:
+            raise UsageError(f"cannot read {flag} {text!r} - write it like 8GiB or 512MiB (a bare number is GiB)") from None
+    if size <= 0:
+        raise UsageError(f"{flag} must be more than 0, got {text!r} - e.g. {flag} 8GiB")
+    return size
 
 
 PLAIN_EVERY_S = 10.0  # piped output: one progress line this often, plus the last one

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from wanpack.commands._common import guarded
+from wanpack.commands._common import BUDGET_HELP, check_at_least, check_choice, guarded
 from wanpack.output import human_bytes, log, out, print_json
 
 
@@ -33,8 +34,9 @@ def bench(
     frames: int = typer.Option(81, "--frames", "-f", help="Video frames (4n+1)."),
     latent: str = typer.Option(None, "--latent", help="Latent FxHxW instead of resolution/frames (e.g. 21x60x104)."),
     small_latent: str = typer.Option("5x24x40", "--small-latent", help="Transfer-bound latent; 'none' to skip."),
-    vram_budget: str = typer.Option(None, "--vram-budget", help="VRAM cap for streamed runs (default: free now)."),
-    ram_budget: str = typer.Option(None, "--ram-budget", help="RAM budget (default: available)."),
+    vram_budget: str = typer.Option(None, "--vram-budget", help=f"VRAM cap for streamed runs, {BUDGET_HELP} "
+                                    "(default: free now)."),  # fmt: skip
+    ram_budget: str = typer.Option(None, "--ram-budget", help=f"RAM budget, {BUDGET_HELP} (default: available)."),
     granularity: str = typer.Option("block", "--granularity", help="block or phase for the streamed runs."),
     repeats: int = typer.Option(3, "--repeats", help="Timed forwards per configuration (after one warm-up)."),
     model: str = typer.Option("auto", "--model", help="auto (the DiT if installed), dit, or proxy (GEMMs only)."),
@@ -59,12 +61,24 @@ def bench(
 
     env.apply_alloc_conf(alloc_conf)  # before torch touches CUDA
     from wanpack.commands.plan import resolve_budgets
+    from wanpack.manifests.format import read_manifest
     from wanpack.runtime.stream.bench import run_suite
+    from wanpack.runtime.video import check_output_path
 
-    vram_b, ram_b = resolve_budgets(vram_budget, ram_budget)
+    # everything the user gave is checked before the first timed forward
+    check_choice("--granularity", granularity, ("block", "phase"))
+    check_choice("--model", model, ("auto", "dit", "proxy"))
+    check_at_least("--repeats", repeats, 1)
+    check_at_least("--disk-workers", disk_workers, 1)
+    compute_dtype = env.compute_dtype(dtype)
+    if timeline is not None:
+        check_output_path(timeline, "--timeline")
+    read_manifest(pack)
+    main_latent = _latent(latent, resolution, frames)
     small = None if small_latent.lower() == "none" else _latent(small_latent, resolution, frames)
-    result = run_suite(pack, latent=_latent(latent, resolution, frames), small_latent=small, vram_budget=vram_b,
-                       ram_budget=ram_b, repeats=repeats, model=model, dtype=env.compute_dtype(dtype),
+    vram_b, ram_b = resolve_budgets(vram_budget, ram_budget)
+    result = run_suite(pack, latent=main_latent, small_latent=small, vram_budget=vram_b,
+                       ram_budget=ram_b, repeats=repeats, model=model, dtype=compute_dtype,
                        graph=env.graph_mode(graph_mode), timeline=timeline is not None, granularity=granularity,
                        disk_workers=disk_workers, resident=not no_resident, disk=not no_disk, log=log)  # fmt: skip
     if timeline is not None:
@@ -79,7 +93,7 @@ def print_table(result: dict) -> None:
     runs = result["runs"]
     base = runs.get("resident", {}).get("sec_per_forward")
     small_base = runs.get("small_resident", {}).get("sec_per_forward")
-    table = Table(title=f"{result['pack']} on {result['device']} ({result['date']})")
+    table = Table(title=f"{escape(str(result['pack']))} on {result['device']} ({result['date']})")
     for col in ("run", "s/forward", "vs resident", "disk GB/s", "H2D GB/s", "peak VRAM", "peak RSS"):
         table.add_column(col)
     peak_h2d = result.get("h2d_peak_gbps")

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from wanpack.commands._common import guarded
+from wanpack.commands._common import BUDGET_HELP, GIB, guarded, parse_budget
 from wanpack.output import err, human_bytes, out, print_json
 
 
@@ -31,8 +31,10 @@ def run(
     shift: float | None = typer.Option(None, "--shift", help="Flow-matching sigma shift."),
     sampler: str | None = typer.Option(None, "--sampler", help="unipc, dpm++, euler or distill."),
     negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="What to steer away from."),
-    vram_budget: float | None = typer.Option(None, "--vram-budget", help="GPU memory to use, GiB (default: free)."),
-    ram_budget: float | None = typer.Option(None, "--ram-budget", help="Host RAM to use, GiB (default: available)."),
+    vram_budget: str | None = typer.Option(None, "--vram-budget", help=f"GPU memory to use, {BUDGET_HELP} "
+                                                                     "(default: free)."),  # fmt: skip
+    ram_budget: str | None = typer.Option(None, "--ram-budget", help=f"Host RAM to use, {BUDGET_HELP} "
+                                                                   "(default: available)."),  # fmt: skip
     granularity: str | None = typer.Option(None, "--granularity", help="Offload unit: model, block or phase."),
     lazy_load: bool | None = typer.Option(None, "--lazy-load/--no-lazy-load", help="Read blocks from disk each step."),
     disk_workers: int | None = typer.Option(None, "--disk-workers", help="Disk reader threads."),
@@ -51,7 +53,7 @@ def run(
       wanpack run
       wanpack run --pack ./t2v-14b-int8 --preset t2v-14b-480p --prompt "a fox in the snow" --out fox.mp4
       wanpack run --pack ./i2v-480p --preset i2v-14b-480p --image cat.jpg --prompt "the cat yawns" --out cat.mp4
-      wanpack run --pack ./distilled --preset distill-4step --vram-budget 8 --prompt "waves at dusk"
+      wanpack run --pack ./distilled --preset distill-4step --vram-budget 8GiB --prompt "waves at dusk"
     """
     from wanpack.manifests.run_config import resolve_run_config
     from wanpack.runtime.ops.attention import set_attn_backend
@@ -63,7 +65,8 @@ def run(
     set_attn_backend(attn)
     overrides = {"steps": steps, "frames": frames, "height": height, "width": width, "seed": seed,
                  "guidance": guidance, "shift": shift, "sampler": sampler, "negative_prompt": negative_prompt,
-                 "vram_budget_gib": vram_budget, "ram_budget_gib": ram_budget, "lazy_load": lazy_load,
+                 "vram_budget_gib": _gib(parse_budget("--vram-budget", vram_budget)),
+                 "ram_budget_gib": _gib(parse_budget("--ram-budget", ram_budget)), "lazy_load": lazy_load,
                  "num_disk_workers": disk_workers, "vae_tiling": vae_tiling, "save_latents": save_latents,
                  "tiny_vae": True if tiny_vae else None, "tiny_vae_path": str(tiny_vae) if tiny_vae else None}  # fmt: skip
     if granularity is not None:
@@ -84,7 +87,7 @@ def run(
         from wanpack.errors import UsageError
 
         raise UsageError("--prompt is required - say what the video should show")
-    cfg = resolve_run_config(preset, config, overrides)
+    cfg = resolve_run_config(preset, config, overrides, flags=FLAGS)
     request = RunRequest(pack=pack, prompt=prompt, out=out_path, config=cfg, image=image, device=device,
                          synthetic=demo, command=["wanpack", *sys.argv[1:]], overwrite=overwrite,
                          config_file=config)  # fmt: skip
@@ -101,6 +104,19 @@ def run(
     out.print(f"wrote {escape(str(out_path))} ({size}, {cfg.frames} frames, seed {record.seed}"
               f"{', RANDOM weights' if record.synthetic_weights else ''}): {times}{peak}, "
               f"peak RSS {human_bytes(record.peak_rss_bytes or 0)}", soft_wrap=True)  # fmt: skip
+
+
+# RunConfig field -> the flag that sets it, so a bad value is reported under the name the user typed
+FLAGS = {"steps": "--steps", "frames": "--frames", "height": "--height", "width": "--width", "seed": "--seed",
+         "guidance": "--guidance", "shift": "--shift", "sampler": "--sampler", "negative_prompt": "--negative-prompt",
+         "vram_budget_gib": "--vram-budget", "ram_budget_gib": "--ram-budget", "lazy_load": "--lazy-load",
+         "num_disk_workers": "--disk-workers", "vae_tiling": "--vae-tiling", "save_latents": "--save-latents",
+         "tiny_vae": "--tiny-vae", "tiny_vae_path": "--tiny-vae", "offload_granularity": "--granularity",
+         "cpu_offload": "--granularity"}  # fmt: skip
+
+
+def _gib(size: int | None) -> float | None:
+    return None if size is None else size / GIB
 
 
 def _random_weights(pack: Path) -> bool:
