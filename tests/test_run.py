@@ -64,13 +64,18 @@ def test_same_seed_same_video_latents(packs, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_i2v_uses_image_aspect(packs, tmp_path):
+def test_i2v_uses_image_aspect_and_records_the_size_made(packs, tmp_path):
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(1).random((48, 80, 3)) * 255).astype(np.uint8)).save(tmp_path / "wide.png")
     video = tmp_path / "i2v.mp4"
-    result = run("run", "--pack", packs["i2v"], "--image", packs["image"], "--prompt", "a cat", "--frames", 5,
-                 "--height", 96, "--width", 128, "--steps", 2, "--out", video)  # fmt: skip
+    result = run("run", "--pack", packs["i2v"], "--image", tmp_path / "wide.png", "--prompt", "a cat", "--frames", 5,
+                 "--height", 48, "--width", 64, "--steps", 1, "--out", video)  # fmt: skip
     assert result.exit_code == 0, result.output
-    frames, height, width, _ = read_video_info(video)
-    assert frames == 5 and (height, width) == (96, 128)  # 3:4 image, area 96*128 -> the same 96 x 128
+    assert read_video_info(video)[:3] == (5, 32, 64)  # 3:5 image at the area of 48 x 64 (the reference's rule)
+    side = json.loads(video.with_suffix(".json").read_text())
+    assert (side["height"], side["width"]) == (32, 64) and (side["config"]["height"], side["config"]["width"]) == (48, 64)
+    assert "64x32 (asked 64x48" in result.output
 
 
 def test_demo_runs_with_no_pack(tmp_path, monkeypatch):
@@ -130,20 +135,6 @@ def test_bad_input_is_refused_before_heavy_work(packs, tmp_path, case, args, fra
     started = time.perf_counter()
     _fails_fast(run(*argv), *fragments, started=started)
     assert not (tmp_path / "v.mp4").exists()
-
-
-def test_i2v_records_and_prints_the_size_made(packs, tmp_path):
-    from PIL import Image
-
-    Image.fromarray((np.random.default_rng(1).random((96, 160, 3)) * 255).astype(np.uint8)).save(tmp_path / "wide.png")
-    video = tmp_path / "i2v.mp4"
-    result = run("run", "--pack", packs["i2v"], "--image", tmp_path / "wide.png", "--prompt", "a cat", "--frames", 5,
-                 "--height", 96, "--width", 128, "--steps", 1, "--out", video)  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert read_video_info(video)[1:3] == (80, 128)  # 3:5 image at the area of 96 x 128
-    side = json.loads(video.with_suffix(".json").read_text())
-    assert (side["height"], side["width"]) == (80, 128) and (side["config"]["height"], side["config"]["width"]) == (96, 128)
-    assert "128x80 (asked 128x96" in result.output
 
 
 def _refused(result, *fragments: str) -> None:
