@@ -308,11 +308,11 @@ def run(req: RunRequest, progress: Progress = lambda event, info: None) -> RunRe
     checked = check_request(req)
     cfg = req.config
     device = _device(req.device)
-    if device.type == "cuda":  # the planner's memory verdict before any compute (sample() plans the same run again)
-        _dit_engine_options(req.pack, checked, cfg, device, 2 if cfg.cfg_active else 1)
     from wanpack.runtime.stream.env import apply_alloc_conf, compute_dtype
 
     apply_alloc_conf()
+    if device.type == "cuda":  # the planner's memory verdict before any compute (sample() plans the same run again)
+        _dit_engine_options(req.pack, checked, cfg, device, 2 if cfg.cfg_active else 1)
     dtype = compute_dtype() if device.type == "cuda" else torch.float32
     seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
     if device.type == "cuda":
