@@ -133,12 +133,17 @@ class PackComponent:
     def non_block_bytes(self) -> int:
         return sum(t.length for _, t in self.non_block_tensors())
 
-    def load_resident(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Read the non-block tensors (full names) once and place them on ``device``; one positioned read each."""
+    def load_resident(self, device: torch.device | str = "cpu", skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """Read the non-block tensors (full names) once and place them on ``device``; one positioned read each.
+
+        ``skip`` names tensors to leave on disk (the T5's 2 GiB token table: ``read_rows`` fetches what a prompt uses).
+        """
         out: dict[str, torch.Tensor] = {}
         fds: dict[str, int] = {}
         try:
             for shard, t in self.non_block_tensors():
+                if t.name in skip:
+                    continue
                 if shard not in fds:
                     fds[shard] = _open_or_raise(self.path(shard))
                 buf = torch.empty(t.length, dtype=torch.uint8)
@@ -148,6 +153,33 @@ class PackComponent:
             for fd in fds.values():
                 os.close(fd)
         return out
+
+
+    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows of a 2-D non-block tensor (e.g. the token table), in the order given: [len(rows), columns], on the CPU.
+
+        A prompt uses a few hundred of the T5's 256k vocabulary rows; reading those (8 KiB each) instead of the whole
+        2 GiB table is what makes the text phase cost its blocks' bytes and nothing more.
+        """
+        found = [(shard, t) for shard, t in self.non_block_tensors() if t.name == name]
+        if not found:
+            raise PackFormatError(f"{self.root}: component {self.name} has no tensor {name} - convert again")
+        shard, t = found[0]
+        if len(t.shape) != 2:
+            raise PackFormatError(f"{self.root}: {name} is not a 2-D table - the manifest is damaged; convert again")
+        n_rows, cols = t.shape
+        dtype = TORCH_DTYPES[t.dtype]
+        row_bytes = cols * torch.empty((), dtype=dtype).element_size()
+        out = torch.empty((len(rows), row_bytes), dtype=torch.uint8)
+        fd = _open_or_raise(self.path(shard))
+        try:
+            for i, r in enumerate(rows):
+                if not 0 <= r < n_rows:
+                    raise PackFormatError(f"row {r} is outside {name} ({n_rows} rows) - use the pack's own tokenizer")
+                _pread_exact(fd, out[i], t.offset + r * row_bytes, self.path(shard), name)
+        finally:
+            os.close(fd)
+        return out.view(dtype).view(len(rows), cols)
 
 
 def views(buf: torch.Tensor, unit: Unit) -> dict[str, torch.Tensor]:
