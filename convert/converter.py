@@ -49,8 +49,11 @@ from wanpack.convert.synth import HUB_FILES, SYNTH_DECLARATION
 from wanpack.errors import NoSpaceError, SourceError, UsageError
 from wanpack.manifests import arch as archs
 from wanpack.manifests.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
     ComponentEntry,
     Manifest,
+    PackFile,
     SourceFile,
     SourceInfo,
     write_manifest,
@@ -436,7 +439,7 @@ def write_pack(jobs: list[ComponentJob], out: str | os.PathLike, opts: ConvertOp
             for src, rel in job.extra_files:
                 (target.tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, target.tmp / rel)
-        manifest = _manifest(source_dir, jobs, shas, hashes, opts, loras)
+        manifest = _manifest(target.tmp, source_dir, jobs, shas, hashes, opts, loras)
         write_manifest(target.tmp, manifest)
         files.close()
         target.commit()
@@ -492,8 +495,13 @@ def _check_space(out: Path, needed: int) -> None:
                            f"{probe} - free space or choose another --out")  # fmt: skip
 
 
-def _manifest(source_dir: Path, jobs: list[ComponentJob], shas: dict[str, str], hashes: dict[str, str] | None,
-              opts: ConvertOptions, loras: list[Lora]) -> Manifest:  # fmt: skip
+def _pack_file(root: Path, rel: str) -> PackFile:
+    """A copied extra file (tokenizer) as the manifest records it: size and sha256 of the copy in the pack."""
+    return PackFile(path=rel, size=(root / rel).stat().st_size, sha256=sha256_file(root / rel))
+
+
+def _manifest(root: Path, source_dir: Path, jobs: list[ComponentJob], shas: dict[str, str],
+              hashes: dict[str, str] | None, opts: ConvertOptions, loras: list[Lora]) -> Manifest:  # fmt: skip
     components = {}
     files: list[SourceFile] = []
     for job in jobs:
@@ -501,12 +509,12 @@ def _manifest(source_dir: Path, jobs: list[ComponentJob], shas: dict[str, str], 
         components[job.name] = ComponentEntry(
             name=job.name, arch=job.arch_name, config=archs.config_to_dict(job.cfg), quant=job.quant,
             layout="by_block" if opts.save_by_block else "single", num_blocks=len(blocks), shards=shards,
-            blocks=blocks, files=[rel for _, rel in job.extra_files],
+            blocks=blocks, files=[_pack_file(root, rel) for _, rel in job.extra_files],
         )  # fmt: skip
         for f in job.source.files:
             files.append(SourceFile(name=f.name, size=f.stat().st_size, sha256=(hashes or {}).get(f.name)))
     kinds = sorted({j.source.kind for j in jobs})
     lora_info = [{"file": lo.path.name, "strength": lo.strength, "sha256": sha256_file(lo.path)} for lo in loras]
-    return Manifest(format="wanpack", format_version=1, created_by=f"wanpack {__version__}",
+    return Manifest(format=FORMAT_NAME, format_version=FORMAT_VERSION, created_by=f"wanpack {__version__}",
                     source=SourceInfo(kind="+".join(kinds), path=str(source_dir.absolute()), files=files,
                                       lora=lora_info), components=components)  # fmt: skip
