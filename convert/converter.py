@@ -384,8 +384,10 @@ def _transform(job: ComponentJob, name: str, tensor: torch.Tensor, loras: list[L
 
 
 def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> tuple[Manifest, ConvertStats]:  # fmt: skip
-    """Convert ``source`` into a pack at ``out``; returns the manifest written and timing/memory stats."""
+                       progress: Callable[[int, int], None] | None = None,
+                       log: Callable[[str], None] | None = None) -> tuple[Manifest, ConvertStats]:  # fmt: skip
+    """Convert ``source`` into a pack at ``out``; returns the manifest written and timing/memory stats. ``log`` gets
+    the rare messages about the folder (waiting for runs of the old pack, a pack recovered after a crash)."""
     opts = options or ConvertOptions()
     check_scheme(opts.quant)
     for c in opts.components:
@@ -403,12 +405,12 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, option
         opened = open_component(kind, source_dir, opts, declared)
         tokenizer = source_dir / TOKENIZER_DIR if source_dir.is_dir() else None
         jobs.append(plan_job(kind, *opened, opts, tokenizer_dir=tokenizer))
-    return write_pack(jobs, out, opts, source_dir, progress, started)
+    return write_pack(jobs, out, opts, source_dir, progress, started, log)
 
 
 def write_pack(jobs: list[ComponentJob], out: str | os.PathLike, opts: ConvertOptions, source_dir: Path,
-               progress: Callable[[int, int], None] | None = None,
-               started: float | None = None) -> tuple[Manifest, ConvertStats]:  # fmt: skip
+               progress: Callable[[int, int], None] | None = None, started: float | None = None,
+               log: Callable[[str], None] | None = None) -> tuple[Manifest, ConvertStats]:  # fmt: skip
     """Stream planned jobs into an atomic pack folder (the part shared by every kind of source)."""
     started = time.perf_counter() if started is None else started
     loras = [Lora.open(path, strength) for path, strength in opts.loras]
@@ -422,8 +424,6 @@ def write_pack(jobs: list[ComponentJob], out: str | os.PathLike, opts: ConvertOp
     _check_space(Path(out), pack_bytes)
     source_bytes = sum(t.nbytes for j in jobs for t in j.source.tensors.values())
 
-    target = AtomicPackDir(out, force=opts.force)
-    files = _ShardFiles(target.tmp, jobs)
     hashes: dict[str, str] | None = {} if opts.hash_source else None
     done = [0]
 
@@ -432,28 +432,28 @@ def write_pack(jobs: list[ComponentJob], out: str | os.PathLike, opts: ConvertOp
         if progress:
             progress(done[0], source_bytes)
 
-    try:
-        _run(jobs, files, loras, hashes, on_bytes)
-        shas = files.results()
-        for job in jobs:
-            for src, rel in job.extra_files:
-                (target.tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, target.tmp / rel)
-        manifest = _manifest(target.tmp, source_dir, jobs, shas, hashes, opts, loras)
-        write_manifest(target.tmp, manifest)
-        files.close()
-        target.commit()
-    except OSError as exc:
-        files.close()
-        target.abort()
-        if exc.errno == errno.ENOSPC:
-            raise NoSpaceError(f"disk full while writing {out} (needs {pack_bytes / 1e9:.2f} GB) - free space and "
-                               "run again; nothing was left behind") from None  # fmt: skip
-        raise
-    except BaseException:
-        files.close()
-        target.abort()
-        raise
+    with AtomicPackDir(out, force=opts.force, log=log) as target:  # leaving it without commit() removes target.tmp
+        files = _ShardFiles(target.tmp, jobs)
+        try:
+            _run(jobs, files, loras, hashes, on_bytes)
+            shas = files.results()
+            for job in jobs:
+                for src, rel in job.extra_files:
+                    (target.tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, target.tmp / rel)
+            manifest = _manifest(target.tmp, source_dir, jobs, shas, hashes, opts, loras)
+            write_manifest(target.tmp, manifest)
+            files.close()
+            target.commit()
+        except OSError as exc:
+            files.close()
+            if exc.errno == errno.ENOSPC:
+                raise NoSpaceError(f"disk full while writing {out} (needs {pack_bytes / 1e9:.2f} GB) - free space "
+                                   "and run again; nothing was left behind") from None  # fmt: skip
+            raise
+        except BaseException:
+            files.close()
+            raise
     stats = ConvertStats(source_bytes=source_bytes, pack_bytes=pack_bytes, seconds=time.perf_counter() - started,
                          peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
     return manifest, stats

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wanpack.errors import PackBusyError
-from wanpack.manifests.format import Manifest, read_manifest_with_digest
+from wanpack.manifests.format import MANIFEST_NAME, Manifest, read_manifest_with_digest
 
 CONVERT = "convert"
 PIN = "pin"
@@ -108,7 +108,8 @@ def pinned_pack(pack: str | os.PathLike) -> Iterator[PinnedPack]:
     A conversion with --force to the same folder waits until every pin is released; a pin asked for while a
     conversion is swapping the folder waits the few milliseconds the swap takes.
     """
-    fd = _open_lock(lock_path(pack, PIN), create=True) if pack_location(pack).parent.is_dir() else None
+    is_pack = os.path.lexists(pack_location(pack) / MANIFEST_NAME)  # no lock files beside folders that are no pack
+    fd = _open_lock(lock_path(pack, PIN), create=True) if is_pack else None
     try:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_SH)

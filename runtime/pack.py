@@ -17,6 +17,7 @@ import torch
 
 from wanpack.errors import PackFormatError
 from wanpack.manifests.format import ComponentEntry, Manifest, TensorEntry, read_manifest
+from wanpack.manifests.pack_files import open_pack_file, resolve_inside
 
 TORCH_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -87,7 +88,14 @@ class PackComponent:
         self.name = component
 
     def path(self, shard: str) -> Path:
-        return self.root / shard
+        """Where a shard really is: symlinks resolved, refused (PackFormatError) if that leaves the pack."""
+        return resolve_inside(self.root, shard)
+
+    def check_files(self) -> None:
+        """The component's extra files (tokenizer): inside the pack, regular, and of the size the manifest records
+        (version-1 packs record none)."""
+        for f in self.entry.files:
+            os.close(open_pack_file(self.root, f.path, f.size)[0])
 
     @property
     def num_blocks(self) -> int:
@@ -134,13 +142,14 @@ class PackComponent:
         return sum(t.length for _, t in self.non_block_tensors())
 
     def load_resident(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Read the non-block tensors (full names) once and place them on ``device``; one positioned read each."""
+        """Read the non-block tensors (full names) once and place them on ``device``; one positioned read each. Each
+        shard is opened only inside the pack, as a regular file of its manifest size, before anything is allocated."""
         out: dict[str, torch.Tensor] = {}
         fds: dict[str, int] = {}
         try:
             for shard, t in self.non_block_tensors():
                 if shard not in fds:
-                    fds[shard] = _open_or_raise(self.path(shard))
+                    fds[shard] = open_pack_file(self.root, shard, self.entry.shard(shard).size)[0]
                 buf = torch.empty(t.length, dtype=torch.uint8)
                 _pread_exact(fds[shard], buf, t.offset, self.path(shard), t.name)
                 out[t.name] = tensor_view(buf, 0, t.length, TORCH_DTYPES[t.dtype], tuple(t.shape)).to(device)
@@ -169,14 +178,6 @@ class WeightViews(Mapping):
 
     def __len__(self) -> int:
         return len(self._data)
-
-
-def _open_or_raise(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise PackFormatError(f"{path}: cannot open shard ({exc.strerror}) - the pack is incomplete; "
-                              "convert again or check permissions") from None  # fmt: skip
 
 
 def _pread_exact(fd: int, buf: torch.Tensor, offset: int, path: Path, what: str) -> None:

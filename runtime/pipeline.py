@@ -19,7 +19,9 @@ import torch
 from wanpack.errors import UsageError
 from wanpack.manifests.arch import CLIPConfig, DiTConfig, T5Config, VAEConfig, config_from_dict
 from wanpack.manifests.format import Manifest, read_manifest
+from wanpack.manifests.pack_lock import pinned_pack
 from wanpack.manifests.run_config import RunConfig
+from wanpack.runtime.image_limits import open_bounded
 from wanpack.runtime.models import dit
 from wanpack.runtime.models.clip import CLIPVision, preprocess
 from wanpack.runtime.models.t5 import T5Encoder
@@ -27,7 +29,7 @@ from wanpack.runtime.models.tokenizer import T5Tokenizer
 from wanpack.runtime.models.vae import encode as vae_encode
 from wanpack.runtime.models.vae_tiling import decode_within, encode_within
 from wanpack.runtime.pack import PackComponent
-from wanpack.runtime.run_record import RunRecord, StageTimer, file_sha256, sidecar_path, write_sidecar
+from wanpack.runtime.run_record import RunRecord, StageTimer, sidecar_path, write_sidecar
 from wanpack.runtime.sampling import make_scheduler
 from wanpack.runtime.sampling.loop import denoise, i2v_latent_hw, initial_noise, latent_shape
 from wanpack.runtime.stream.dit_stream import streamed_forward
@@ -66,11 +68,11 @@ class Checked:
 
 def _load_image(path: Path) -> torch.Tensor:
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
     except ImportError:
         raise UsageError("reading --image needs Pillow - pip install Pillow") from None
     try:
-        with Image.open(path) as im:
+        with open_bounded(path) as im:  # refuses images over a pixel cap before decoding them
             rgb = im.convert("RGB")
     except FileNotFoundError:
         raise UsageError(f"--image {path}: file not found") from None
@@ -149,6 +151,7 @@ def encode_text(pack: Path, prompts: list[str], cfg: RunConfig, device: torch.de
     comp = PackComponent(pack, "t5")
     t5_cfg = config_from_dict(comp.entry.config)
     assert isinstance(t5_cfg, T5Config)
+    comp.check_files()  # the tokenizer files: inside the pack, regular, the recorded sizes
     tokens = T5Tokenizer(Path(pack) / "t5" / "tokenizer")(prompts)
     enc = T5Encoder(t5_cfg, dtype=dtype)
     with StreamEngine(comp, _encoder_options(device, cfg.t5_cpu_offload), device) as eng:
@@ -278,7 +281,13 @@ def decode_video(pack: Path, latent: torch.Tensor, cfg: RunConfig, device: torch
 
 
 def run(req: RunRequest, progress: Progress = lambda event, info: None) -> RunRecord:
-    """The whole pipeline; returns the record that was also written next to the video."""
+    """The whole pipeline; returns the record that was also written next to the video. The pack is pinned for the
+    whole run, so a `convert --force` to it waits rather than mixing its files with the ones being read."""
+    with pinned_pack(req.pack) as pin:
+        return _run_pinned(req, progress, pin.manifest_sha256)
+
+
+def _run_pinned(req: RunRequest, progress: Progress, manifest_sha256: str) -> RunRecord:
     checked = check_request(req)
     cfg = req.config
     device = _device(req.device)
@@ -291,7 +300,7 @@ def run(req: RunRequest, progress: Progress = lambda event, info: None) -> RunRe
         torch.cuda.reset_peak_memory_stats()
     timer = StageTimer(sync=device.type == "cuda")
     record = RunRecord(command=req.command, seed=seed, config=cfg.to_dict(), pack=None if req.synthetic else str(req.pack),
-                       manifest_sha256=file_sha256(Path(req.pack) / "manifest.json"), synthetic_weights=req.synthetic,
+                       manifest_sha256=manifest_sha256, synthetic_weights=req.synthetic,
                        prompt=req.prompt, image=str(req.image) if req.image else None, video=str(req.out))  # fmt: skip
     prompts = [req.prompt] + ([cfg.negative_prompt] if cfg.cfg_active else [])
     progress("stage", {"name": "text", "device": str(device), "dtype": str(dtype).removeprefix("torch.")})

@@ -53,7 +53,8 @@ def convert(
     with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
         task = bar.add_task("convert", total=None)
         manifest, stats = convert_checkpoint(source_path, out_dir, opts,
-                                             progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+                                             progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                             log=lambda message: err.print(f"[yellow]{message}[/]"))  # fmt: skip
     summary = {
         "pack": str(out_dir), "components": list(manifest.components), "quant": quant,
         "layout": "by_block" if save_by_block else "single", "source_bytes": stats.source_bytes,
