@@ -37,8 +37,8 @@ from typing import Protocol
 
 from wanpack.errors import NoSpaceError, SourceError, UsageError, VerificationError, WanpackError
 from wanpack.manifests.catalog import CatalogEntry, find_entry
+from wanpack.manifests.format import SHA256_HEX
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
 _HASH_CHUNK = 8 << 20
 PART_SUFFIX = ".wanpack-part"
@@ -160,7 +160,7 @@ def _remote_file(sibling) -> RemoteFile:
     if name.startswith(("/", "\\")) or "\\" in name or ".." in parts or "" in parts or ":" in parts[0] or "\0" in name:
         raise HubError(f"the Hub listed an unsafe file name {name!r} - refusing to write it")
     if sibling.lfs:
-        digest = _hex_or_refuse(sibling.lfs.sha256, _SHA256, "LFS sha256", name)
+        digest = _hex_or_refuse(sibling.lfs.sha256, SHA256_HEX, "LFS sha256", name)
         return RemoteFile(name, _size_or_refuse(sibling.lfs.size, name), digest, True)
     digest = _hex_or_refuse(sibling.blob_id, _SHA1, "git blob id", name)
     return RemoteFile(name, _size_or_refuse(sibling.size or 0, name), digest, False)
@@ -251,7 +251,7 @@ def file_digest(path: Path, algorithm: str, on_bytes: Callable[[int], None] | No
 
 def algorithm_of(digest: str) -> str | None:
     """Which digest an etag / blob name is: 64 hex -> LFS sha256, 40 hex -> git blob SHA-1."""
-    return "sha256" if _SHA256.match(digest) else "git-sha1" if _SHA1.match(digest) else None
+    return "sha256" if SHA256_HEX.match(digest) else "git-sha1" if _SHA1.match(digest) else None
 
 
 def verify_or_remove(path: Path, expected: str, algorithm: str, label: str, also_remove: tuple[Path, ...] = (),

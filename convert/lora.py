@@ -135,8 +135,8 @@ class Lora:
         finally:
             os.close(fd)
         if not torch.isfinite(merged).all():
-            raise SourceError(f"{self.path}: merging into {name} gives NaN or infinite values - the LoRA's weights are far "
-                              "too large (or --lora-strength is); check the file")  # fmt: skip
+            raise SourceError(f"{self.path}: merging into {name} gives NaN or infinite values - the LoRA's weights "
+                              "are far too large (or --lora-strength is); check the file")  # fmt: skip
         return merged
 
     def _read(self, fd: int, info: StTensorInfo) -> torch.Tensor:

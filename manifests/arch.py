@@ -297,7 +297,7 @@ def check_config(cfg: ArchConfig) -> None:
                  (cfg.patch_size <= cfg.image_size, "patch_size must not exceed image_size"),
                  (cfg.use_layers <= cfg.num_layers, "use_layers must not exceed num_layers")]  # fmt: skip
     elif isinstance(cfg, VAEConfig):
-        rules = [(len(cfg.temporal_downsample) == len(cfg.dim_mult) - 1, "temporal_downsample needs len(dim_mult)-1 items"),
+        rules = [(len(cfg.temporal_downsample) == len(cfg.dim_mult) - 1, "temporal_downsample needs len(dim_mult)-1"),
                  (len(cfg.latents_mean) == len(cfg.latents_std) == cfg.z_dim, "latents_mean/std need z_dim items"),
                  (all(s > 0 for s in cfg.latents_std), "latents_std must be positive")]  # fmt: skip
     for ok, rule in rules:

@@ -173,7 +173,7 @@ class Manifest:
 
 MAX_INT = 1 << 53  # sizes, offsets and lengths: JSON-safe integers (8 PiB)
 MAX_NDIM = 8
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")  # a sha256 as manifests and the Hub write it
 FLOAT_DTYPES = ("F16", "BF16", "F32")  # what an unquantized tensor may be stored as
 QUANT_DTYPES = {"int8": ("I8",), "fp8": ("F8_E4M3",), "none": FLOAT_DTYPES}
 
@@ -226,7 +226,7 @@ def _sha256(v: object, where: str, what: str, optional: bool = False) -> str | N
     if optional and v is None:
         return None
     _present(v, where, what)
-    _check(isinstance(v, str) and bool(_SHA256.match(v)), where, f"{what} is not 64 lowercase hex characters")
+    _check(isinstance(v, str) and bool(SHA256_HEX.match(v)), where, f"{what} is not 64 lowercase hex characters")
     return v  # type: ignore[return-value]
 
 
@@ -252,8 +252,8 @@ def _tensor(d: object, w: str) -> TensorEntry:
     w = f"{w} tensor {name[:120]}"
     shape = _list(d.get("shape"), w, "shape")
     _check(len(shape) <= MAX_NDIM, w, f"shape has more than {MAX_NDIM} dimensions")
-    return TensorEntry(name=name, dtype=_str(d.get("dtype"), w, "dtype"), shape=[_int(x, w, "a dimension") for x in shape],
-                       offset=_int(d.get("offset"), w, "offset"), length=_int(d.get("length"), w, "length"),
+    return TensorEntry(name=name, dtype=_str(d.get("dtype"), w, "dtype"),
+                       shape=[_int(x, w, "a dimension") for x in shape], offset=_int(d.get("offset"), w, "offset"), length=_int(d.get("length"), w, "length"),
                        block=_int(d.get("block"), w, "block", optional=True),
                        phase=_str(d.get("phase"), w, "phase", optional=True),
                        scale=_str(d.get("scale"), w, "scale", optional=True),
@@ -306,8 +306,8 @@ def _pack_file(d: object, w: str, version: int) -> PackFile:
 def _component(name: str, c: object, w: str, version: int) -> ComponentEntry:
     c = _obj(c, w, "component")
     _check(isinstance(c.get("config"), dict), w, "config is not an object")
-    return ComponentEntry(name=_str(c.get("name"), w, "name"), arch=_str(c.get("arch"), w, "arch"),
-                          config=c["config"], quant=_quant(c.get("quant"), w), layout=_str(c.get("layout"), w, "layout"),
+    return ComponentEntry(name=_str(c.get("name"), w, "name"), arch=_str(c.get("arch"), w, "arch"), config=c["config"],
+                          quant=_quant(c.get("quant"), w), layout=_str(c.get("layout"), w, "layout"),
                           num_blocks=_int(c.get("num_blocks"), w, "num_blocks", hi=MAX_BLOCKS),
                           shards=[_shard(s, w) for s in _list(c.get("shards"), w, "shards")],
                           blocks=[_block(b, w) for b in _list(c.get("blocks"), w, "blocks")],
@@ -319,8 +319,9 @@ def _source(d: object, w: str) -> SourceInfo:
     files = []
     for f in _list(d.get("files", []), w, "source.files"):
         f = _obj(f, w, "a source.files entry")
-        files.append(SourceFile(name=_str(f.get("name"), w, "source file name"), size=_int(f.get("size"), w,
-                     "source file size"), sha256=_sha256(f.get("sha256"), w, "source file sha256", optional=True)))  # fmt: skip
+        files.append(SourceFile(name=_str(f.get("name"), w, "source file name"),
+                                size=_int(f.get("size"), w, "source file size"),
+                                sha256=_sha256(f.get("sha256"), w, "source file sha256", optional=True)))
     lora = [_obj(x, w, "a source.lora entry") for x in _list(d.get("lora", []), w, "source.lora")]
     return SourceInfo(kind=_str(d.get("kind"), w, "source.kind"), path=_str(d.get("path"), w, "source.path"),
                       files=files, lora=lora)  # fmt: skip
@@ -480,7 +481,8 @@ def read_manifest_with_digest(pack_dir: str | os.PathLike) -> tuple[Manifest, st
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:100]
-        raise PackFormatError(f"{path}: manifest is not valid JSON ({why}) - the pack is damaged; convert again") from None
+        raise PackFormatError(f"{path}: manifest is not valid JSON ({why}) - the pack is damaged; "
+                              "convert it again") from None
     return manifest_from_dict(data, where=str(path)), hashlib.sha256(raw).hexdigest()
 
 

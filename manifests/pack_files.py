@@ -48,8 +48,9 @@ def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket")):  # fmt: skip
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    for test, name in kinds:
         if test(mode):
             return name
     return "not a plain file"

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from wanpack.errors import PackBusyError
+from wanpack.errors import PackBusyError, UsageError
 from wanpack.manifests.format import MANIFEST_NAME, Manifest, read_manifest_with_digest
 
 CONVERT = "convert"
@@ -58,7 +58,7 @@ def convert_lock(pack: str | os.PathLike) -> Iterator[None]:
     path = lock_path(pack, CONVERT)
     fd = _open_lock(path, create=True)
     if fd is None:
-        raise PackBusyError(f"cannot create the lock file {path} - --out must be in a folder you can write")
+        raise UsageError(f"cannot create the lock file {path} - --out must be in a folder you can write")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -29,7 +29,7 @@ def open_bounded(path: str | os.PathLike) -> Iterator:
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():  # Pillow warns from 89 Mpx on; the cap below is stricter and says it in one line
+        with warnings.catch_warnings():  # Pillow warns from 89 Mpx on; the cap below is stricter, and one line
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
     except Image.DecompressionBombError:  # Pillow's own, far higher limit: the header alone was enough to refuse
