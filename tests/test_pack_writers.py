@@ -11,6 +11,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -109,22 +110,34 @@ def test_crash_between_renames_is_recovered_not_deleted(src, tmp_path, mark):
 
 
 def test_second_conversion_to_the_same_out_is_refused(src, tmp_path):
+    """Another process converting to the same --out holds the convert lock; its temporary folder is not stale, whatever
+    its PID looks like from here. Killed with -9, it holds nothing, and its folder is cleaned up."""
     pack = tmp_path / "pack"
-    fd = os.open(lock_path(pack, CONVERT), os.O_RDWR | os.O_CREAT)  # a conversion in progress holds this lock
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    live = tmp_path / f".pack.wanpack-tmp-{os.getpid()}-live"
-    live.mkdir()
-    (live / "block_0.safetensors").write_bytes(b"being written")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock_path(pack, CONVERT))], stdout=subprocess.PIPE)
     try:
+        assert holder.stdout.readline() == b"held\n"
+        live = tmp_path / f".pack.wanpack-tmp-{holder.pid}-live"
+        live.mkdir()
+        (live / "block_0.safetensors").write_bytes(b"being written")
         with pytest.raises(PackBusyError, match="another wanpack convert is writing"):
             convert(src, pack)
         res = CliRunner().invoke(app, ["convert", str(src), "--out", str(pack)])
         assert res.exit_code == 1 and "another wanpack convert" in res.output and "Traceback" not in res.output
         assert (live / "block_0.safetensors").exists() and not pack.exists()  # the owner's folder is untouched
     finally:
-        os.close(fd)
-    convert(src, pack)  # once the owner is gone its folder is stale, whatever its PID says
+        holder.kill()
+        holder.wait()
+    convert(src, pack)
     assert not live.exists() and (pack / "manifest.json").is_file()
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
 
 
 def test_force_waits_for_a_pinned_run_and_the_run_keeps_its_pack(src, tmp_path):
