@@ -173,14 +173,20 @@ class Manifest:
 
 MAX_INT = 1 << 53  # sizes, offsets and lengths: JSON-safe integers (8 PiB)
 MAX_NDIM = 8
+MAX_BLOCKS = 4096
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")  # a sha256 as manifests and the Hub write it
 FLOAT_DTYPES = ("F16", "BF16", "F32")  # what an unquantized tensor may be stored as
 QUANT_DTYPES = {"int8": ("I8",), "fp8": ("F8_E4M3",), "none": FLOAT_DTYPES}
 
 
+def _damaged(where: str, what: str) -> PackFormatError:
+    text = f"{where}: {what}".replace("\r", "\\r").replace("\n", "\\n")  # names from the file stay on one line
+    return PackFormatError(f"{text} - the pack is damaged or not a wanpack pack; convert it again")
+
+
 def _check(cond: bool, where: str, what: str) -> None:
     if not cond:
-        raise PackFormatError(f"{where}: {what} - the pack is damaged or not a wanpack pack; convert it again")
+        raise _damaged(where, what)
 
 
 def _present(v: object, where: str, what: str) -> None:
@@ -231,9 +237,10 @@ def _sha256(v: object, where: str, what: str, optional: bool = False) -> str | N
 
 
 def _safe_relpath(path: object, where: str) -> str:
-    _check(isinstance(path, str) and 0 < len(path) <= 4096, where, f"path {path!r} is not a relative path")
+    ok = isinstance(path, str) and 0 < len(path) <= 4096 and all(c >= " " for c in path)
+    _check(ok, where, f"path {str(path)[:80]!r} is not a relative path")
     p = PurePosixPath(path)  # type: ignore[arg-type]
-    ok = not p.is_absolute() and ".." not in p.parts and "\\" not in path and "\0" not in path  # type: ignore[operator]
+    ok = not p.is_absolute() and ".." not in p.parts and "\\" not in path  # type: ignore[operator]
     _check(ok, where, f"path {path!r} leaves the pack directory")
     return path  # type: ignore[return-value]
 
@@ -253,7 +260,8 @@ def _tensor(d: object, w: str) -> TensorEntry:
     shape = _list(d.get("shape"), w, "shape")
     _check(len(shape) <= MAX_NDIM, w, f"shape has more than {MAX_NDIM} dimensions")
     return TensorEntry(name=name, dtype=_str(d.get("dtype"), w, "dtype"),
-                       shape=[_int(x, w, "a dimension") for x in shape], offset=_int(d.get("offset"), w, "offset"), length=_int(d.get("length"), w, "length"),
+                       shape=[_int(x, w, "a dimension") for x in shape], offset=_int(d.get("offset"), w, "offset"),
+                       length=_int(d.get("length"), w, "length"),
                        block=_int(d.get("block"), w, "block", optional=True),
                        phase=_str(d.get("phase"), w, "phase", optional=True),
                        scale=_str(d.get("scale"), w, "scale", optional=True),
@@ -327,8 +335,6 @@ def _source(d: object, w: str) -> SourceInfo:
                       files=files, lora=lora)  # fmt: skip
 
 
-MAX_BLOCKS = 4096
-
 
 def _validate_component(comp: ComponentEntry, where: str) -> None:
     """The relations between a component's fields that the runtime relies on (each dataclass is already typed)."""
@@ -400,8 +406,7 @@ def _check_architecture(comp: ComponentEntry, where: str) -> None:
     try:
         cfg = config_from_dict(comp.config)
     except UsageError as exc:
-        raise PackFormatError(f"{where}: bad config ({exc}) - the pack is damaged or not a wanpack pack; "
-                              "convert it again") from None  # fmt: skip
+        raise _damaged(where, f"bad config ({exc})") from None
     _check(cfg.kind == comp.name, where, f"config is a {cfg.kind} config, not {comp.name}")
     specs = component_tensors(cfg)
     have = {t.name: t for s in comp.shards for t in s.tensors}

@@ -111,6 +111,8 @@ MUTATIONS = [
     ("tensor in another block's shard", lambda d: tensor(d).update(block=1), "shard of block 1"),
     ("tensor in the wrong phase", lambda d: tensor(d).update(phase="ffn"), "outside its phase"),
     ("tensor renamed", lambda d: tensor(d).update(name="blocks.0.evil.weight"), "not part of"),
+    ("name forging a second line", lambda d: tensor(d).update(name="blocks.0.x\nerror: forged"), "not part of"),
+    ("config name forging a second line", lambda d: config(d).update(name="x\n" + "y" * 300), "config field name"),
     ("quantized weight retyped", _retype_quantized, "weight with its scale"),
     ("weight dtype does not fit the scheme", lambda d: dit(d)["quant"].update(weight_dtype="BF16"), "does not fit"),
     ("qmax infinite", lambda d: dit(d)["quant"].update(qmax=math.inf), "qmax"),
@@ -245,7 +247,7 @@ def _paths(node, prefix=()) -> list[tuple]:
 _EDGE_INTS = [-1, 0, 1, 7, 63, 64, 4095, 4096, 2**31, 2**53, 2**63, 2**64, 10**30, -(2**63)]
 _LEAVES = (st.none() | st.booleans() | st.sampled_from(_EDGE_INTS) | st.integers(-(2**70), 2**70)
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
-           | st.sampled_from(["../../etc/passwd", "/etc/passwd", "a" * 64, "A" * 64, "I8", "BF16", "self_attn"]))
+           | st.sampled_from(["../../etc/passwd", "/etc/passwd", "a" * 64, "A" * 64, "I8", "BF16", "self_attn", "a\nb"]))
 _VALUES = st.recursive(_LEAVES, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids,
                        max_size=3), max_leaves=6)  # fmt: skip
 

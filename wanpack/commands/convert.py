@@ -25,7 +25,8 @@ def convert(
     lora_strength: list[float] = typer.Option([], "--lora-strength", help="Strength per --lora (default 1.0)."),
     keep_fp32: bool = typer.Option(False, "--keep-fp32", help="Keep norms, modulation, embeddings and head in fp32."),
     hash_source: bool = typer.Option(True, "--hash-source/--no-hash-source", help="Record the source files' sha256."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing pack at --out."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing pack at --out (in one atomic swap, after "
+                               "the runs using it finish)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Convert a Wan2.1 checkpoint into a pack, streaming one tensor at a time.
