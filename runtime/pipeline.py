@@ -20,6 +20,7 @@ from wanpack.errors import UsageError
 from wanpack.manifests.arch import CLIPConfig, DiTConfig, T5Config, VAEConfig, config_from_dict
 from wanpack.manifests.format import Manifest, read_manifest
 from wanpack.manifests.run_config import RunConfig
+from wanpack.runtime.image_limits import open_bounded
 from wanpack.runtime.models import dit
 from wanpack.runtime.models.clip import CLIPVision, preprocess
 from wanpack.runtime.models.t5 import T5Encoder
@@ -65,11 +66,11 @@ class Checked:
 
 def _load_image(path: Path) -> torch.Tensor:
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
     except ImportError:
         raise UsageError("reading --image needs Pillow - pip install Pillow") from None
     try:
-        with Image.open(path) as im:
+        with open_bounded(path) as im:  # refuses images over a pixel cap before decoding them
             rgb = im.convert("RGB")
     except FileNotFoundError:
         raise UsageError(f"--image {path}: file not found") from None

@@ -32,14 +32,13 @@ import torch
 
 from wanpack.errors import UsageError, WanpackError
 from wanpack.manifests.arch import DiTConfig, VAEConfig, config_from_dict
-from wanpack.manifests.format import read_manifest
+from wanpack.manifests.pack_lock import pinned_pack
 from wanpack.manifests.run_config import RunConfig
 from wanpack.runtime.pack import PackComponent
 from wanpack.runtime.run_plan import DISK_WORKERS, RunPlan, plan_run
 from wanpack.runtime.run_record import (
     RunRecord,
     StageTimer,
-    file_sha256,
     process_age_s,
     sidecar_path,
     thread_cpu_seconds,
@@ -104,8 +103,11 @@ class Session:
         self.device = select_device(device)
         self.blocking_sync = blocking_sync() if self.device.type == "cuda" else False  # before CUDA starts
         self.dtype = compute_dtype() if self.device.type == "cuda" else torch.float32
-        self.manifest = read_manifest(self.pack)
-        self.manifest_sha256 = file_sha256(self.pack / "manifest.json")
+        self._pin = contextlib.ExitStack()  # a `convert --force` to this pack waits until the session ends
+        pin = self._pin.enter_context(pinned_pack(self.pack))
+        self.manifest, self.manifest_sha256 = pin.manifest, pin.manifest_sha256
+        if "t5" in self.manifest.components:  # the tokenizer: inside the pack, regular, of its recorded size
+            PackComponent(self.pack, "t5", self.manifest).check_files()
         self.jobs = jobs
         self.reader = DiskReader(DISK_WORKERS)
         self._dit: StreamEngine | None = None
@@ -130,6 +132,7 @@ class Session:
                 eng.close()
         self._dit, self._encoders = None, {}
         self.reader.close()
+        self._pin.close()
         self._vae = None
         self._texts.clear()
         gc.collect()

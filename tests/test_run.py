@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ def test_t2v_writes_decodable_mp4_and_sidecar(packs, tmp_path):
     side = json.loads(video.with_suffix(".json").read_text())
     assert side["seed"] == 5 and side["config"]["steps"] == 3 and side["synthetic_weights"] is False
     assert {"text", "denoise", "decode", "write"} <= set(side["timings_s"])
-    assert len(side["manifest_sha256"]) == 64
+    assert side["manifest_sha256"] == hashlib.sha256((packs["t2v"] / "manifest.json").read_bytes()).hexdigest()
 
 
 def test_same_seed_same_video_latents(packs, tmp_path):
@@ -82,6 +83,18 @@ def test_demo_runs_with_no_pack(tmp_path, monkeypatch):
     assert json.loads(video.with_suffix(".json").read_text())["synthetic_weights"] is True
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height RGB pixels but carries almost no data (what a decoder would allocate for)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
 def _fails_fast(result, *fragments: str, started: float) -> None:
     assert result.exit_code != 0
     lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
@@ -100,6 +113,8 @@ def _fails_fast(result, *fragments: str, started: float) -> None:
         ("wrong model type", ["--pack", "t2v", "--prompt", "x", "--preset", "i2v-14b-480p"], ["i2v"]),
         ("image for t2v", ["--pack", "t2v", "--prompt", "x", "--image", "image"], ["no --image"]),
         ("unreadable image", ["--pack", "i2v", "--prompt", "x", "--image", "bad"], ["not a readable image"]),
+        ("121 Mpx image of 60 bytes", ["--pack", "i2v", "--prompt", "x", "--image", "huge"], ["121 Mpx", "downscale"]),
+        ("decompression bomb", ["--pack", "i2v", "--prompt", "x", "--image", "bomb"], ["decompression bomb"]),
         ("output folder missing", ["--pack", "t2v", "--prompt", "x", "--out", "/nonexistent/dir/v.mp4"], ["does not exist"]),
         ("not a pack", ["--pack", "/tmp", "--prompt", "x"], ["no manifest"]),
         ("unknown config key", ["--pack", "t2v", "--prompt", "x", "--config", "cfg"], ["infer_stepz", "infer_steps"]),
@@ -108,9 +123,11 @@ def _fails_fast(result, *fragments: str, started: float) -> None:
 )  # fmt: skip
 def test_bad_input_is_refused_before_heavy_work(packs, tmp_path, case, args, fragments):
     (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "huge.png").write_bytes(_png_header(11000, 11000))
+    (tmp_path / "bomb.png").write_bytes(_png_header(30000, 30000))
     (tmp_path / "cfg.json").write_text(json.dumps({"infer_stepz": 4}))
     subst = {"i2v": packs["i2v"], "t2v": packs["t2v"], "image": packs["image"], "bad": tmp_path / "bad.png",
-             "cfg": tmp_path / "cfg.json"}  # fmt: skip
+             "cfg": tmp_path / "cfg.json", "huge": tmp_path / "huge.png", "bomb": tmp_path / "bomb.png"}  # fmt: skip
     argv = ["run", *[subst.get(a, a) if isinstance(a, str) else a for a in args]]
     if "--out" not in args:
         argv += ["--out", tmp_path / "v.mp4"]

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from wanpack.errors import VerificationError, WanpackError
+from wanpack.manifests.pack_files import open_regular
 
 ALIGN = 4096
 DEFAULT_CHUNK = 16 << 20
@@ -97,11 +98,19 @@ class ShardFile:
         return "direct" if self.direct else ("cached" if self.keep_cache else "buffered-dropped")
 
 
+def _refuse_irregular(path: Path) -> None:
+    """A FIFO, device or folder named as a shard is refused before the real open, which for a FIFO would block
+    forever: probed with O_NONBLOCK + fstat (manifests/pack_files.py). PackComponent.path() already keeps the path
+    inside the pack."""
+    os.close(open_regular(path))
+
+
 def open_shard(path: Path, expected_size: int | None, direct: bool = True) -> ShardFile:
     """Open for O_DIRECT when asked and the filesystem allows it (probed with one aligned read), else buffered.
 
     Buffered by choice (``direct=False``) keeps the page cache; buffered because O_DIRECT was refused drops it.
     """
+    _refuse_irregular(path)
     flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
     fd = -1
     use_direct = direct and hasattr(os, "O_DIRECT")

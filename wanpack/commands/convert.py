@@ -25,7 +25,8 @@ def convert(
     lora_strength: list[float] = typer.Option([], "--lora-strength", help="Strength per --lora (default 1.0)."),
     keep_fp32: bool = typer.Option(False, "--keep-fp32", help="Keep norms, modulation, embeddings and head in fp32."),
     hash_source: bool = typer.Option(True, "--hash-source/--no-hash-source", help="Record the source files' sha256."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing pack at --out."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing pack at --out (in one atomic swap, after "
+                               "the runs using it finish)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Convert a Wan2.1 checkpoint into a pack, streaming one tensor at a time.
@@ -53,7 +54,8 @@ def convert(
     with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
         task = bar.add_task("convert", total=None)
         manifest, stats = convert_checkpoint(source_path, out_dir, opts,
-                                             progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+                                             progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                             log=lambda message: err.print(f"[yellow]{message}[/]"))  # fmt: skip
     summary = {
         "pack": str(out_dir), "components": list(manifest.components), "quant": quant,
         "layout": "by_block" if save_by_block else "single", "source_bytes": stats.source_bytes,
