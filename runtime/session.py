@@ -46,7 +46,13 @@ from wanpack.runtime.run_record import (
 )
 from wanpack.runtime.stream.engine import StreamEngine
 from wanpack.runtime.stream.reader import DiskReader
-from wanpack.runtime.video import VideoWriter, save_latents, to_uint8_frames
+from wanpack.runtime.video import (
+    BURST_ENCODER_SETTINGS,
+    ENCODER_SETTINGS,
+    VideoWriter,
+    save_latents,
+    to_uint8_frames,
+)
 
 Progress = Callable[[str, dict], None]  # (event, details): "stage", "note", "step", "frames", "done"
 TEXT_CACHE = 16  # prompt embeddings kept per session (the negative prompt of every CFG job is one of them)
@@ -271,7 +277,9 @@ class Session:
 
     def _load_tokenizer(self) -> None:
         from wanpack.runtime.models.tokenizer import T5Tokenizer
+        from wanpack.runtime.stream.reader import name_thread
 
+        name_thread("wanpack-tokens")
         try:
             self._tokenizer = T5Tokenizer(self.pack / "t5" / "tokenizer")
         except BaseException as exc:  # noqa: BLE001 - raised where the tokenizer is used
@@ -365,12 +373,14 @@ class Session:
         """
         from wanpack.runtime.pipeline import decoded_chunks
 
-        writer = VideoWriter(out, checked.width, checked.height, cfg.fps)
+        writer = None
         try:
             with timer.stage("decode"):
                 t0 = time.perf_counter()
                 vae = None if cfg.tiny_vae else self._vae_weights()
                 chunks, tiles = decoded_chunks(vae, latent, cfg, self.device, self._vae_budget())
+                settings = BURST_ENCODER_SETTINGS if tiles else ENCODER_SETTINGS  # all frames at once: encode fast
+                writer = VideoWriter(out, checked.width, checked.height, cfg.fps, settings)
                 done = 0
                 for chunk in chunks:
                     frames = to_uint8_frames(chunk).cpu()
@@ -380,7 +390,8 @@ class Session:
             with timer.stage("write"):
                 writer.close()
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             raise
         return {**writer.settings, "fps": cfg.fps, "vae_tiles": tiles, "encode_s": round(writer.encode_s, 3),
                 "after_last_frame_s": round(writer.tail_s, 3)}  # fmt: skip

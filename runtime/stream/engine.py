@@ -75,6 +75,7 @@ class StreamOptions:
     read_delay_s: float = 0.0  # tests: a deliberately slow disk
     priority: int = 0  # read priority on a shared DiskReader (lower reads first); cache prefetch uses priority + 1
     mapped: bool = False  # host bytes are read-only mappings of the page cache (no ring, no cache buffers, no copies)
+    pin_mapped: bool = True  # page-lock mapped units for DMA; off: copies come from pageable memory (read-once units)
 
 
 class StreamEngine:
@@ -120,7 +121,7 @@ class StreamEngine:
         try:
             self.resident = pack.load_resident(self.device, skip=resident_skip)
             if options.mapped:
-                self.maps = ShardMaps(pin=cuda)
+                self.maps = ShardMaps(pin=cuda and options.pin_mapped)
             for shard in sorted({u.shard for u in self.units}):
                 sf = open_shard(pack.path(shard), pack.entry.shard(shard).size, options.direct_io and not options.mapped)
                 self.files[shard] = sf
