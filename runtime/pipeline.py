@@ -26,6 +26,7 @@ from wanpack.runtime.models.t5 import T5Encoder
 from wanpack.runtime.models.tokenizer import T5Tokenizer
 from wanpack.runtime.models.vae import encode as vae_encode
 from wanpack.runtime.models.vae_tiling import decode_within, encode_within
+from wanpack.runtime.ops.report import backend_info
 from wanpack.runtime.pack import PackComponent
 from wanpack.runtime.run_record import RunRecord, StageTimer, file_sha256, sidecar_path, write_sidecar
 from wanpack.runtime.sampling import make_scheduler
@@ -309,6 +310,7 @@ def run(req: RunRequest, progress: Progress = lambda event, info: None) -> RunRe
     progress("stage", {"name": "denoise", "steps": cfg.steps})
     with timer.stage("denoise"):
         latent = sample(req.pack, checked, cfg, texts, clip, y, seed, device, dtype, progress)
+    record.backends = backend_info(device)  # which GEMM / attention / norm kernels served the DiT
     del texts, clip, y
     _release(device, True)
     progress("stage", {"name": "decode"})

@@ -92,6 +92,7 @@ class RunRecord:
     image: str | None = None
     video: str | None = None
     latents: str | None = None
+    backends: dict[str, str] = field(default_factory=dict)  # ops.report.backend_info after denoising
     timings_s: dict[str, float] = field(default_factory=dict)
     peak_vram_bytes: dict[str, int] | None = None
     peak_rss_bytes: int | None = None

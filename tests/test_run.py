@@ -49,6 +49,7 @@ def test_t2v_writes_decodable_mp4_and_sidecar(packs, tmp_path):
     side = json.loads(video.with_suffix(".json").read_text())
     assert side["seed"] == 5 and side["config"]["steps"] == 3 and side["synthetic_weights"] is False
     assert {"text", "denoise", "decode", "write"} <= set(side["timings_s"])
+    assert side["backends"]["attention"] == "sdpa" and side["backends"]["attention_ran"] == "sdpa"  # CPU runs fp32
     assert len(side["manifest_sha256"]) == 64
 
 
