@@ -398,9 +398,9 @@ class Session:
 
     def _backends(self) -> dict:
         try:
-            from wanpack.runtime.ops.report import report_backends
+            from wanpack.runtime.ops.report import backend_info
 
-            return report_backends(self.device, log=lambda m: None)
+            return backend_info(self.device)
         except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
             return {"error": str(exc)}
 

@@ -51,6 +51,7 @@ def test_t2v_writes_decodable_mp4_and_sidecar(packs, tmp_path):
     assert side["seed"] == 5 and side["config"]["steps"] == 3 and side["synthetic_weights"] is False
     assert {"text", "denoise", "decode", "write"} <= set(side["timings_s"])
     assert side["manifest_sha256"] == hashlib.sha256((packs["t2v"] / "manifest.json").read_bytes()).hexdigest()
+    assert side["backends"]["attention"] == "sdpa" and side["backends"]["attention_ran"] == "sdpa"  # CPU runs fp32
 
 
 def test_same_seed_same_video_latents(packs, tmp_path):
