@@ -174,6 +174,51 @@ def encoder_probe() -> dict:
     return out
 
 
+def pin_probe(pack: Path, shards: int = 10) -> dict:
+    """Page-locking page-cache mappings (what mapped mode does per unit) and copying from them, pinned vs pageable."""
+    import torch
+
+    from wanpack.runtime.stream.host import ShardMaps
+    from wanpack.runtime.stream.reader import open_shard, populate_range
+
+    files = [open_shard(p, None, direct=False) for p in sorted((pack / "dit").glob("block_*.safetensors"))[:shards]]
+    maps = ShardMaps(pin=True)
+    views = []
+    for sf in files:
+        sf.map_base = maps.base(sf.path, sf.fd, sf.size)
+        views.append(maps.view(sf.path, 0, sf.size))
+    total = sum(v.numel() for v in views)
+    dst = torch.empty(max(v.numel() for v in views), dtype=torch.uint8, device="cuda")
+    t = time.perf_counter()
+    for v, sf in zip(views, files, strict=True):
+        populate_range(v, 0, v.numel(), sf)
+    populate_s = time.perf_counter() - t
+
+    def copy_all() -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for v in views:
+            dst[: v.numel()].copy_(v, non_blocking=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    pageable_s = copy_all()
+    t = time.perf_counter()
+    for v in views:
+        maps.register(v)
+    register_s = time.perf_counter() - t
+    pinned_s = copy_all()
+    t = time.perf_counter()
+    maps.close()
+    unregister_s = time.perf_counter() - t
+    for sf in files:
+        os.close(sf.fd)
+    gb = total / 1e9
+    return {"gb": round(gb, 2), "populate_gbps": round(gb / populate_s, 2), "register_gbps": round(gb / register_s, 2),
+            "unregister_gbps": round(gb / unregister_s, 2), "h2d_pageable_gbps": round(gb / pageable_s, 2),
+            "h2d_pinned_gbps": round(gb / pinned_s, 2), "register_error": maps.register_error}  # fmt: skip
+
+
 def startup_floor() -> float:
     """A bare interpreter that imports torch and starts CUDA: what every CLI run pays before it does anything."""
     t = time.perf_counter()
@@ -266,10 +311,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="DiT blocks (default: all 40)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--skip-720p", action="store_true")
+    ap.add_argument("--pin-probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--floors", nargs=4, type=int, metavar=("H", "W", "FRAMES", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     pack = args.work / "pack"
+    if args.pin_probe:
+        print(json.dumps(pin_probe(pack)))
+        return
     if args.floors:
         print(json.dumps(floors(pack, *args.floors)))
         return
@@ -294,6 +343,9 @@ def main() -> None:
     result["raw_read"] = step("raw read", lambda: raw_read_rate(pack))
     result["startup_floor_s"] = step("startup floor", startup_floor)
     result["encoder_probe"] = step("video encoder probe", encoder_probe)
+    proc = step("pin probe", lambda: subprocess.run([sys.executable, __file__, "--work", str(args.work), "--pin-probe"],
+                                                    capture_output=True, text=True, check=True))  # fmt: skip
+    result["pin_probe"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc else None
     sizes = [("480p", 480, 832)] + ([] if args.skip_720p else [("720p", 720, 1280)])
     result["floors"] = {}
     for label, h, w in sizes:
