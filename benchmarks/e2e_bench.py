@@ -391,6 +391,8 @@ def print_table(result: dict) -> None:
     print(f"\n{fl.get('480p', {}).get('device', '?')}, 14B T2V int8 random weights, distill 4 steps, 81 frames, "
           f"--vram-budget 8; pack {result.get('pack_bytes', 0) / 1e9:.1f} GB; raw O_DIRECT read {raw:.2f} GB/s; "
           f"bare python+torch+CUDA start {start:.2f} s")  # fmt: skip
+    if result.get("pin_probe"):
+        print(f"pin probe: {result['pin_probe']}")
     for label, f in fl.items():
         print(f"floors {label}: T5 fwd {f['t5_forward_s']:.3f} s, DiT fwd {f['dit_forward_s']:.3f} s (x4 "
               f"{f['dit_steps_s']:.2f}), VAE decode {f['vae_decode_s']:.2f} s")  # fmt: skip
