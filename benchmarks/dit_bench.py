@@ -1,8 +1,10 @@
 """One Wan2.1-14B DiT block on a CUDA GPU: bf16 vs int8 vs fp8, per phase, against ceilings measured in the same run.
 
 Prints the achieved TFLOP/s of each phase and of the block's linear work next to the card's measured bf16 matmul,
-fp8 _scaled_mm, int8 _int_mm and SDPA rates; the peak activation memory at 720p with chunking (goal <= 4 GiB); and
-a numerical check of each scheme's block output against fp32 at 14B shape. Random weights (synth's generator).
+fp8 _scaled_mm, int8 _int_mm and SDPA rates; every attention backend's TFLOP/s at each --tokens (our quantized
+``sage`` kernels included where the card has them) and each block's time with those forced (``--attn``); the peak
+activation memory at 720p with chunking (goal <= 4 GiB); and a numerical check of each scheme's block output (and the
+int8 block with each --attn backend) against fp32 at 14B shape. Random weights (synth's generator).
 
     python benchmarks/dit_bench.py --json dit_bench.json          # ~2-4 minutes on an H100
     python benchmarks/dit_bench.py --tokens 32760 --iters 2       # quicker
@@ -61,6 +63,42 @@ def ceilings(dev, iters: int, small: bool = False) -> dict[str, float]:
             except Exception as exc:  # a backend may reject the shape on some cards
                 print(f"attention {name} failed: {exc!r}", file=sys.stderr)
     return out
+
+
+def attention_rates(dev, lengths: list[int], iters: int, small: bool = False) -> dict[str, dict[str, float]]:
+    """{backend: {tokens: TFLOP/s}} of every attention backend this card has, at each self-attention length (14B:
+    40 heads x 128, batch 1). Quantizing backends get a K/V-prepared dict, as a block's query chunks share one K/V."""
+    heads, hd = (2, 32) if small else (40, 128)
+    out: dict[str, dict[str, float]] = {}
+    for n in lengths:
+        qkv = tuple(torch.randn(1, n, heads, hd, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        for name, backend in attn_ops.BACKENDS.items():
+            if backend.unavailable(dev) is not None or not backend.takes(qkv[0]):
+                continue
+            try:
+                prepared: dict = {}
+                secs = median_seconds(lambda b=backend, p=prepared, x=qkv: b.run(*x, p), iters)
+                out.setdefault(name, {})[str(n)] = 4 * n * n * heads * hd / secs / 1e12
+            except Exception as exc:  # one backend's failure must not lose the others
+                print(f"attention {name} at {n} failed: {exc!r}", file=sys.stderr)
+    return out
+
+
+def sage_variants(dev) -> list[str]:
+    """Our quantized attention backends this device can run (the default extra --attn axis)."""
+    return [n for n in ("sage", "sage-pv16") if attn_ops.BACKENDS[n].unavailable(dev) is None]
+
+
+def time_block_with(attn: str, cfg, w, n: int, dev, opts, iters: int) -> dict[str, float] | str:
+    """:func:`time_block` with attention forced to ``attn`` (a failure comes back as its message)."""
+    attn_ops.set_attn_backend(attn)
+    try:
+        return time_block(cfg, w, n, dev, opts, iters)
+    except Exception as exc:
+        print(f"block with attention {attn} at {n} failed: {exc!r}", file=sys.stderr)
+        return f"{exc!r}"[:300]
+    finally:
+        attn_ops.set_attn_backend(None)
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -184,8 +222,9 @@ def smoke_gemm(scheme: str, smoke: bool) -> str | None:
     return {"int8": "int_mm", "fp8": "scaled_mm"}.get(scheme) if smoke else None
 
 
-def numerics(cfg, dev, n: int, opts, smoke: bool = False) -> dict[str, float]:
-    """Relative error (Frobenius) of each scheme's block update against fp32 weights and activations, on the GPU."""
+def numerics(cfg, dev, n: int, opts, smoke: bool = False, attns: tuple[str, ...] = ()) -> dict[str, float]:
+    """Relative error (Frobenius) of each scheme's block update against fp32 weights and activations, on the GPU;
+    ``attns`` adds the int8 block with each of those attention backends forced ('int8+sage')."""
     ref_opts = dit.DiTOptions(dtype=torch.float32, chunk_tokens=opts.chunk_tokens)
     lin.set_gemm_backend(None)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -195,12 +234,18 @@ def numerics(cfg, dev, n: int, opts, smoke: bool = False) -> dict[str, float]:
     ref = dit.block_forward(w32, x.clone(), e0, rope, dit.cross_kv(w32, ctx, cfg, ref_opts), cfg, ref_opts) - x
     del w32
     errs = {}
-    for scheme in SCHEMES:
+    for scheme, attn in [(s, None) for s in SCHEMES] + [("int8", a) for a in attns]:
         lin.set_gemm_backend(smoke_gemm(scheme, smoke))
+        attn_ops.set_attn_backend(attn)
         w = block_weights(cfg, dev, scheme)
-        kv = dit.cross_kv(w, ctx.to(opts.dtype), cfg, opts)
-        got = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts) - x
-        errs[scheme] = ((got - ref).norm() / ref.norm()).item()
+        try:
+            kv = dit.cross_kv(w, ctx.to(opts.dtype), cfg, opts)
+            got = dit.block_forward(w, x.clone(), e0, rope, kv, cfg, opts) - x
+            errs[scheme + (f"+{attn}" if attn else "")] = ((got - ref).norm() / ref.norm()).item()
+        except Exception as exc:  # an extra attention backend failing must not lose the scheme numbers
+            print(f"numerics {scheme} with attention {attn} failed: {exc!r}", file=sys.stderr)
+        finally:
+            attn_ops.set_attn_backend(None)
         del w
     return errs
 
@@ -215,6 +260,9 @@ def main() -> int:
     ap.add_argument("--chunk-tokens", type=int, default=None, help="default: from the memory budget")
     ap.add_argument("--check-tokens", type=int, default=4096, help="sequence length of the fp32 numerical check")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--attn", nargs="*", default=None,
+                    help="attention backends to also time whole blocks with (default: the sage variants this GPU "
+                         "has; pass none to skip)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny widths on CPU: checks the script, measures nothing")
     ap.add_argument("--profile", action="store_true",
                     help="also list where one wired pass spends its kernel time, per scheme, at the first --tokens")  # fmt: skip
@@ -233,6 +281,9 @@ def main() -> int:
           f"{result['backends']}", file=sys.stderr)  # fmt: skip
     result["ceilings_tflops"] = ceil = ceilings(dev, args.iters, small=args.smoke)
     print(f"# ceilings (TFLOP/s): {json.dumps({k: round(v) for k, v in ceil.items()})}", file=sys.stderr)
+    result["attention_tflops"] = attention_rates(dev, args.tokens, args.iters, small=args.smoke)
+    print(f"# attention (TFLOP/s): {json.dumps(result['attention_tflops'])}", file=sys.stderr)
+    extra_attn = tuple(sage_variants(dev) if args.attn is None else args.attn)
     rows, mem = [], {}
     int8_variants = [b for b in ("triton", "int_mm", "sgl") if lin.BACKENDS[b].unavailable(dev) is None]
     fp8_variants = ["fast", "exact"] if dev.type == "cuda" else ["exact"]
@@ -262,6 +313,10 @@ def main() -> int:
             for ph, t in times.items():
                 row[f"{ph}_s"] = t
                 row[f"{ph}_tflops"] = (fl[ph]["linear"] + fl[ph]["attention"]) / t / 1e12
+            row["block_s_by_attn"] = {}
+            for attn in extra_attn:
+                with_attn = time_block_with(attn, cfg, w, n, dev, opts, args.iters)
+                row["block_s_by_attn"][attn] = with_attn if isinstance(with_attn, str) else sum(with_attn.values())
             rows.append(row)
             print(f"# {scheme} {n}: block {row['block_s']:.3f} s, linears {lin_times}, wired linears (norms, GELU "
                   f"and quantizers in) {norm_lin_s:.3f} s", file=sys.stderr)  # fmt: skip
@@ -270,7 +325,7 @@ def main() -> int:
         del w
         torch.cuda.empty_cache()
     result["rows"], result["peak_activation_720p"] = rows, mem
-    result["numerics_rel_err"] = numerics(cfg, dev, args.check_tokens, opts, args.smoke)
+    result["numerics_rel_err"] = numerics(cfg, dev, args.check_tokens, opts, args.smoke, extra_attn)
     result["wall_s"] = time.time() - t_start
     print_table(result)
     if args.json:
@@ -318,6 +373,16 @@ def print_table(r: dict) -> None:
         lins = " ".join(f"{k}={v:.3f}({x['linear_tflops'][k]:.0f})[{v / b_lin:.2f}x]" for k, v in x["linear_s"].items())
         print(f"{x['scheme']:6} {x['tokens']:>6} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} {x['block_s']:8.3f} "
               f"{ratio:7.2f} {nl_cell:>16}  {lins}")  # fmt: skip
+    attn_rates = r.get("attention_tflops", {})
+    if attn_rates:
+        print("attention TFLOP/s (40 heads x 128, K/V prepared once): " + "; ".join(
+            f"{name} " + ", ".join(f"{n}: {v:.0f}" for n, v in by_n.items()) for name, by_n in attn_rates.items()))  # fmt: skip
+    for x in r["rows"]:
+        b = base.get(x["tokens"])
+        for attn, secs in x.get("block_s_by_attn", {}).items():
+            cell = (f"{secs:.3f} s [{secs / b['block_s']:.2f}x bf16 block, {secs / x['block_s']:.2f}x own]"
+                    if isinstance(secs, float) and b else str(secs))  # fmt: skip
+            print(f"block with attention {attn}: {x['scheme']} {x['tokens']}: {cell}")
     for scheme, (meas, est) in r["peak_activation_720p"].items():
         flag = "ok" if meas <= 4 * GIB else "OVER 4 GiB"
         print(f"peak activation 720p {scheme}: {meas / GIB:.2f} GiB measured, {est / GIB:.2f} GiB estimated ({flag})")

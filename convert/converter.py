@@ -49,8 +49,11 @@ from wanpack.convert.synth import HUB_FILES, SYNTH_DECLARATION
 from wanpack.errors import NoSpaceError, SourceError, UsageError
 from wanpack.manifests import arch as archs
 from wanpack.manifests.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
     ComponentEntry,
     Manifest,
+    PackFile,
     SourceFile,
     SourceInfo,
     write_manifest,
@@ -383,8 +386,10 @@ def _transform(job: ComponentJob, name: str, tensor: torch.Tensor, loras: list[L
 
 
 def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> tuple[Manifest, ConvertStats]:  # fmt: skip
-    """Convert ``source`` into a pack at ``out``; returns the manifest written and timing/memory stats."""
+                       progress: Callable[[int, int], None] | None = None,
+                       log: Callable[[str], None] | None = None) -> tuple[Manifest, ConvertStats]:  # fmt: skip
+    """Convert ``source`` into a pack at ``out``; returns the manifest written and timing/memory stats. ``log`` gets
+    the rare messages about the folder (waiting for runs of the old pack, a pack recovered after a crash)."""
     opts = options or ConvertOptions()
     check_scheme(opts.quant)
     for c in opts.components:
@@ -402,12 +407,12 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, option
         opened = open_component(kind, source_dir, opts, declared)
         tokenizer = source_dir / TOKENIZER_DIR if source_dir.is_dir() else None
         jobs.append(plan_job(kind, *opened, opts, tokenizer_dir=tokenizer))
-    return write_pack(jobs, out, opts, source_dir, progress, started)
+    return write_pack(jobs, out, opts, source_dir, progress, started, log)
 
 
 def write_pack(jobs: list[ComponentJob], out: str | os.PathLike, opts: ConvertOptions, source_dir: Path,
-               progress: Callable[[int, int], None] | None = None,
-               started: float | None = None) -> tuple[Manifest, ConvertStats]:  # fmt: skip
+               progress: Callable[[int, int], None] | None = None, started: float | None = None,
+               log: Callable[[str], None] | None = None) -> tuple[Manifest, ConvertStats]:  # fmt: skip
     """Stream planned jobs into an atomic pack folder (the part shared by every kind of source)."""
     started = time.perf_counter() if started is None else started
     loras = [Lora.open(path, strength) for path, strength in opts.loras]
@@ -421,8 +426,6 @@ def write_pack(jobs: list[ComponentJob], out: str | os.PathLike, opts: ConvertOp
     _check_space(Path(out), pack_bytes)
     source_bytes = sum(t.nbytes for j in jobs for t in j.source.tensors.values())
 
-    target = AtomicPackDir(out, force=opts.force)
-    files = _ShardFiles(target.tmp, jobs)
     hashes: dict[str, str] | None = {} if opts.hash_source else None
     done = [0]
 
@@ -431,28 +434,28 @@ def write_pack(jobs: list[ComponentJob], out: str | os.PathLike, opts: ConvertOp
         if progress:
             progress(done[0], source_bytes)
 
-    try:
-        _run(jobs, files, loras, hashes, on_bytes)
-        shas = files.results()
-        for job in jobs:
-            for src, rel in job.extra_files:
-                (target.tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, target.tmp / rel)
-        manifest = _manifest(source_dir, jobs, shas, hashes, opts, loras)
-        write_manifest(target.tmp, manifest)
-        files.close()
-        target.commit()
-    except OSError as exc:
-        files.close()
-        target.abort()
-        if exc.errno == errno.ENOSPC:
-            raise NoSpaceError(f"disk full while writing {out} (needs {pack_bytes / 1e9:.2f} GB) - free space and "
-                               "run again; nothing was left behind") from None  # fmt: skip
-        raise
-    except BaseException:
-        files.close()
-        target.abort()
-        raise
+    with AtomicPackDir(out, force=opts.force, log=log) as target:  # leaving it without commit() removes target.tmp
+        files = _ShardFiles(target.tmp, jobs)
+        try:
+            _run(jobs, files, loras, hashes, on_bytes)
+            shas = files.results()
+            for job in jobs:
+                for src, rel in job.extra_files:
+                    (target.tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, target.tmp / rel)
+            manifest = _manifest(target.tmp, source_dir, jobs, shas, hashes, opts, loras)
+            write_manifest(target.tmp, manifest)
+            files.close()
+            target.commit()
+        except OSError as exc:
+            files.close()
+            if exc.errno == errno.ENOSPC:
+                raise NoSpaceError(f"disk full while writing {out} (needs {pack_bytes / 1e9:.2f} GB) - free space "
+                                   "and run again; nothing was left behind") from None  # fmt: skip
+            raise
+        except BaseException:
+            files.close()
+            raise
     stats = ConvertStats(source_bytes=source_bytes, pack_bytes=pack_bytes, seconds=time.perf_counter() - started,
                          peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
     return manifest, stats
@@ -494,8 +497,13 @@ def _check_space(out: Path, needed: int) -> None:
                            f"{probe} - free space or choose another --out")  # fmt: skip
 
 
-def _manifest(source_dir: Path, jobs: list[ComponentJob], shas: dict[str, str], hashes: dict[str, str] | None,
-              opts: ConvertOptions, loras: list[Lora]) -> Manifest:  # fmt: skip
+def _pack_file(root: Path, rel: str) -> PackFile:
+    """A copied extra file (tokenizer) as the manifest records it: size and sha256 of the copy in the pack."""
+    return PackFile(path=rel, size=(root / rel).stat().st_size, sha256=sha256_file(root / rel))
+
+
+def _manifest(root: Path, source_dir: Path, jobs: list[ComponentJob], shas: dict[str, str],
+              hashes: dict[str, str] | None, opts: ConvertOptions, loras: list[Lora]) -> Manifest:  # fmt: skip
     components = {}
     files: list[SourceFile] = []
     for job in jobs:
@@ -503,13 +511,13 @@ def _manifest(source_dir: Path, jobs: list[ComponentJob], shas: dict[str, str], 
         components[job.name] = ComponentEntry(
             name=job.name, arch=job.arch_name, config=archs.config_to_dict(job.cfg), quant=job.quant,
             layout="by_block" if opts.save_by_block else "single", num_blocks=len(blocks), shards=shards,
-            blocks=blocks, files=[rel for _, rel in job.extra_files],
+            blocks=blocks, files=[_pack_file(root, rel) for _, rel in job.extra_files],
         )  # fmt: skip
         for f in job.source.files:
             files.append(SourceFile(name=f.name, size=f.stat().st_size, sha256=(hashes or {}).get(f.name)))
     kinds = sorted({j.source.kind for j in jobs})
     synthetic = "synthetic" in kinds or bool(_declared(source_dir))  # random weights: generated, or a `wanpack synth` folder
     lora_info = [{"file": lo.path.name, "strength": lo.strength, "sha256": sha256_file(lo.path)} for lo in loras]
-    return Manifest(format="wanpack", format_version=1, created_by=f"wanpack {__version__}",
+    return Manifest(format=FORMAT_NAME, format_version=FORMAT_VERSION, created_by=f"wanpack {__version__}",
                     source=SourceInfo(kind="+".join(kinds), path=str(source_dir.absolute()), files=files,
                                       lora=lora_info, synthetic=synthetic), components=components)  # fmt: skip

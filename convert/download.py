@@ -4,13 +4,17 @@ How it works (huggingface_hub >= 2 does the HTTP, auth, redirects, error classes
 1. ``HfApi.model_info(files_metadata=True)`` pins the revision to a commit and lists every file with its size, git
    blob id and, for LFS files, the LFS sha256; ``filter_repo_objects`` applies the catalog's allow patterns.
 2. The free space of the target is checked against the bytes still missing, before anything is written.
-3. Large (LFS) files stream through ``huggingface_hub.file_download.http_get`` into a partial file that survives an
+3. Every file streams through ``huggingface_hub.file_download.http_get`` into a partial file that survives an
    interrupted run; the next run resumes it with an HTTP Range request. (huggingface_hub 2.x itself deletes its
    partial files when a download fails, so its own downloads only resume within one process.) The partial file is
-   hashed and only moved into place (cache blob or --dir file) when its sha256 equals the Hub's LFS sha256, so a
-   corrupt file never looks like a finished one. Small files go through ``hf_hub_download`` and are checked
-   against their git blob SHA-1.
+   hashed and only moved into place (cache blob or --dir file) when it matches the Hub's digest (LFS sha256, or the
+   git blob SHA-1 of a small file), so a corrupt file never looks like a finished one. The cache layout (blobs named
+   by digest, snapshot symlinks, refs) and the --dir metadata are written here in huggingface_hub's format, not by
+   ``hf_hub_download``: that one names cache blobs after the ETag header of a HEAD request, unchecked.
 4. Files already present are re-hashed and checked the same way; a mismatch deletes the file and fails.
+Nothing the server says is trusted (docs/FORMAT.md, threat model): digests and the commit must be lowercase hex of
+the exact length before they become part of a path, file names may not climb out of the folder, and every path
+written or deleted must resolve inside the cache's repo folder or --dir.
 Offline (HF_HUB_OFFLINE=1) the cache is used without any request; blobs are checked against the digest they are
 named by (the Hub's etag: LFS sha256 or git blob SHA-1).
 """
@@ -24,6 +28,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -32,8 +37,8 @@ from typing import Protocol
 
 from wanpack.errors import NoSpaceError, SourceError, UsageError, VerificationError, WanpackError
 from wanpack.manifests.catalog import CatalogEntry, find_entry
+from wanpack.manifests.format import SHA256_HEX
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
 _HASH_CHUNK = 8 << 20
 PART_SUFFIX = ".wanpack-part"
@@ -129,18 +134,44 @@ def plan_remote(request: Request, settings: HubSettings) -> tuple[str, list[Remo
         info = HfApi(endpoint=settings.endpoint, token=settings.token).model_info(
             request.repo_id, revision=request.revision, files_metadata=True
         )
+    commit = _hex_or_refuse(info.sha, _SHA1, "commit hash", request.repo_id)
     files = [_remote_file(s) for s in info.siblings or [] if _matches(s.rfilename, request.patterns)]
-    _check_components(request, [f.name for f in files], f"{request.repo_id}@{info.sha[:12]}")
-    return info.sha, files
+    _check_components(request, [f.name for f in files], f"{request.repo_id}@{commit[:12]}")
+    return commit, files
+
+
+def _hex_or_refuse(value: object, pattern: re.Pattern, what: str, where: str) -> str:
+    """Server-provided digests and commits become file and folder names: only exact-length lowercase hex passes."""
+    if not isinstance(value, str) or not pattern.match(value):
+        raise HubError(f"the Hub sent an invalid {what} {str(value)[:80]!r} for {where} - refusing to use it as a file "
+                       "name; check HF_ENDPOINT points at a real Hub")  # fmt: skip
+    return value
+
+
+def _size_or_refuse(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise HubError(f"the Hub sent an invalid size {value!r} for {name} - check HF_ENDPOINT points at a real Hub")
+    return value
 
 
 def _remote_file(sibling) -> RemoteFile:
-    parts = sibling.rfilename.split("/")
-    if sibling.rfilename.startswith(("/", "\\")) or ".." in parts or "" in parts or ":" in parts[0]:
-        raise HubError(f"the Hub listed an unsafe file name {sibling.rfilename!r} - refusing to write it")
+    name = sibling.rfilename
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if name.startswith(("/", "\\")) or "\\" in name or ".." in parts or "" in parts or ":" in parts[0] or "\0" in name:
+        raise HubError(f"the Hub listed an unsafe file name {name!r} - refusing to write it")
     if sibling.lfs:
-        return RemoteFile(sibling.rfilename, sibling.lfs.size, sibling.lfs.sha256, True)
-    return RemoteFile(sibling.rfilename, sibling.size or 0, sibling.blob_id, False)
+        digest = _hex_or_refuse(sibling.lfs.sha256, SHA256_HEX, "LFS sha256", name)
+        return RemoteFile(name, _size_or_refuse(sibling.lfs.size, name), digest, True)
+    digest = _hex_or_refuse(sibling.blob_id, _SHA1, "git blob id", name)
+    return RemoteFile(name, _size_or_refuse(sibling.size or 0, name), digest, False)
+
+
+def _check_revision(revision: str) -> str:
+    """A revision names a file under refs/ in the cache: it may contain '/' (refs/pr/1) but never climb out."""
+    parts = revision.split("/")
+    if not revision or revision.startswith("/") or "\\" in revision or any(p in ("", ".", "..") for p in parts):
+        raise UsageError(f"revision {revision!r} is not a valid branch, tag or commit name - pass another --revision")
+    return revision
 
 
 def _check_components(request: Request, names: list[str], where: str, hint: str | None = None) -> None:
@@ -220,12 +251,13 @@ def file_digest(path: Path, algorithm: str, on_bytes: Callable[[int], None] | No
 
 def algorithm_of(digest: str) -> str | None:
     """Which digest an etag / blob name is: 64 hex -> LFS sha256, 40 hex -> git blob SHA-1."""
-    return "sha256" if _SHA256.match(digest) else "git-sha1" if _SHA1.match(digest) else None
+    return "sha256" if SHA256_HEX.match(digest) else "git-sha1" if _SHA1.match(digest) else None
 
 
 def verify_or_remove(path: Path, expected: str, algorithm: str, label: str, also_remove: tuple[Path, ...] = (),
-                     progress: Progress | None = None) -> None:  # fmt: skip
-    """Raise VerificationError (after deleting the bad bytes) unless ``path`` hashes to ``expected``."""
+                     progress: Progress | None = None, root: Path | None = None) -> None:  # fmt: skip
+    """Raise VerificationError (after deleting the bad bytes) unless ``path`` hashes to ``expected``. With ``root``,
+    nothing is deleted unless it lies inside ``root``."""
     on_bytes = None
     if progress is not None:
         task = f"{algorithm} {label}"
@@ -234,11 +266,26 @@ def verify_or_remove(path: Path, expected: str, algorithm: str, label: str, also
     got = file_digest(path, algorithm, on_bytes)
     if got == expected:
         return
-    for p in (path, *also_remove):
+    doomed = (path, *also_remove)
+    if root is not None:
+        for p in doomed:  # all checked before any is deleted
+            inside(p, root)
+    for p in doomed:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     raise VerificationError(f"{label} is corrupt: {algorithm} {got[:16]}... but the Hub says {expected[:16]}... - "
                             "the bad file was deleted; run the command again to download it afresh")  # fmt: skip
+
+
+def inside(path: Path, root: Path) -> Path:
+    """``path`` itself (its folder resolved, a final symlink not followed), refused unless it lies inside ``root``.
+    Called on every path written or deleted, so no server metadata or planted symlink reaches outside."""
+    where = Path(os.path.realpath(path.parent)) / path.name
+    top = Path(os.path.realpath(root))
+    if top not in where.parents:
+        raise HubError(f"refusing to write or delete {path}: it resolves to {where}, outside {root} - the download "
+                       "metadata or the cache is hostile or damaged; delete the folder and download again")  # fmt: skip
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------- progress
@@ -321,17 +368,27 @@ class _Target:
         self.storage = settings.cache_dir / ("models--" + repo_id.replace("/", "--"))
 
     @property
+    def root(self) -> Path:
+        """Everything this download writes or deletes lies inside this folder."""
+        return self.local_dir if self.local_dir is not None else self.storage
+
+    @property
     def folder(self) -> Path:
         return self.local_dir if self.local_dir is not None else self.storage / "snapshots" / self.commit
 
     def final(self, f: RemoteFile) -> Path:
-        """Where a verified LFS file is stored (the blob, for the cache)."""
-        return self.local_dir / f.name if self.local_dir is not None else self.storage / "blobs" / f.digest
+        """Where a verified file is stored (the blob, for the cache)."""
+        return inside(self.local_dir / f.name if self.local_dir is not None else self.storage / "blobs" / f.digest,
+                      self.root)  # fmt: skip
 
     def part(self, f: RemoteFile) -> Path:
         if self.local_dir is not None:
-            return self.local_dir / ".cache" / "wanpack" / f"{f.name}.{f.digest[:16]}{PART_SUFFIX}"
-        return self.storage / "blobs" / f"{f.digest}{PART_SUFFIX}"
+            return inside(self.local_dir / ".cache" / "wanpack" / f"{f.name}.{f.digest[:16]}{PART_SUFFIX}", self.root)
+        return inside(self.storage / "blobs" / f"{f.digest}{PART_SUFFIX}", self.root)
+
+    def link(self, f: RemoteFile) -> Path:
+        """The name a user opens: the snapshot symlink (cache) or the file itself (--dir)."""
+        return inside(self.folder / f.name, self.root)
 
     def space_root(self) -> Path:
         path = self.local_dir if self.local_dir is not None else self.settings.cache_dir
@@ -370,14 +427,14 @@ def _gib(n: float) -> str:
 
 
 def _fetch_all(target: _Target, files: list[RemoteFile], progress: Progress | None, workers: int) -> list[FileResult]:
-    """Small files first, one by one; then the LFS files on ``workers`` threads. The first failure (or Ctrl-C) stops
-    the other transfers at their next chunk; their partial files stay for the next run."""
+    """Small files first, one by one (no progress bars); then the LFS files on ``workers`` threads. The first failure
+    (or Ctrl-C) stops the other transfers at their next chunk; their partial files stay for the next run."""
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    done = {f.name: _fetch_small(target, f, progress) for f in files if not f.lfs}
     cancel = threading.Event()
+    done = {f.name: _fetch_file(target, f, None, cancel) for f in files if not f.lfs}
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wanpack-dl") as pool:
-        futures = {pool.submit(_fetch_large, target, f, progress, cancel): f for f in files if f.lfs}
+        futures = {pool.submit(_fetch_file, target, f, progress, cancel): f for f in files if f.lfs}
         try:
             for fut in as_completed(futures):
                 done[futures[fut].name] = fut.result()
@@ -388,19 +445,16 @@ def _fetch_all(target: _Target, files: list[RemoteFile], progress: Progress | No
     return [done[f.name] for f in files]
 
 
-def _hub_kwargs(settings: HubSettings) -> dict:
-    return {"endpoint": settings.endpoint, "token": settings.token or False}
-
-
-def _fetch_large(target: _Target, f: RemoteFile, progress: Progress | None, cancel: threading.Event) -> FileResult:
-    """An LFS file: resume or start the partial file, hash it, then move it into place and link it."""
-    result = FileResult(f.name, f.size, "sha256", f.digest)
+def _fetch_file(target: _Target, f: RemoteFile, progress: Progress | None, cancel: threading.Event) -> FileResult:
+    """Resume or start the partial file, hash it, then move it into place and link it."""
+    result = FileResult(f.name, f.size, f.algorithm, f.digest)
     final = target.final(f)
     recorded = _local_etag(target.local_dir, f.name) if target.local_dir is not None else None
     if final.exists() and recorded not in (None, f.digest):
         final.unlink()  # a --dir file from another revision: replace it, it is not corrupt
     if final.exists():
-        verify_or_remove(final, f.digest, "sha256", f.name, also_remove=(target.folder / f.name,), progress=progress)
+        verify_or_remove(final, f.digest, f.algorithm, f.name, also_remove=(target.link(f),), progress=progress,
+                         root=target.root)  # fmt: skip
     else:
         part = target.part(f)
         part.parent.mkdir(parents=True, exist_ok=True)
@@ -411,7 +465,7 @@ def _fetch_large(target: _Target, f: RemoteFile, progress: Progress | None, canc
         result.resumed_from = have
         _http_fetch(target, f, part, have, progress, cancel)
         result.downloaded = f.size - have
-        verify_or_remove(part, f.digest, "sha256", f.name, progress=progress)
+        verify_or_remove(part, f.digest, f.algorithm, f.name, progress=progress, root=target.root)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, final)
     _register(target, f)
@@ -446,36 +500,19 @@ def _http_fetch(target: _Target, f: RemoteFile, part: Path, have: int, progress:
 
 
 def _register(target: _Target, f: RemoteFile) -> None:
-    """Make a verified file visible the way huggingface_hub expects (snapshot symlink, or --dir metadata)."""
+    """Make a verified file visible the way huggingface_hub lays it out: a relative snapshot symlink to the blob
+    (cache), or the download metadata (--dir: commit, etag, timestamp lines, which huggingface_hub reads too)."""
     if target.local_dir is None:
-        from huggingface_hub import hf_hub_download
-
-        # The blob is in place, so this only makes the HEAD call and the snapshot symlink.
-        hf_hub_download(target.repo_id, f.name, revision=target.commit, cache_dir=target.settings.cache_dir,
-                        **_hub_kwargs(target.settings))  # fmt: skip
+        link, blob = target.link(f), target.final(f)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = inside(link.with_name(f".{link.name}.{os.getpid()}.{threading.get_ident()}.wanpack-link"), target.root)
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), tmp)
+        os.replace(tmp, link)
         return
-    try:
-        from huggingface_hub._local_folder import write_download_metadata
-    except ImportError:  # private helper moved: let the public call hash the file and write the metadata itself
-        from huggingface_hub import hf_hub_download
-
-        hf_hub_download(target.repo_id, f.name, revision=target.commit, local_dir=target.local_dir,
-                        **_hub_kwargs(target.settings))  # fmt: skip
-        return
-    write_download_metadata(target.local_dir, f.name, target.commit, f.digest)
-
-
-def _fetch_small(target: _Target, f: RemoteFile, progress: Progress | None) -> FileResult:
-    """A regular git file (configs, tokenizer): hf_hub_download, then the git blob SHA-1 check."""
-    from huggingface_hub import hf_hub_download
-
-    was_there = (target.folder / f.name).exists()
-    path = Path(hf_hub_download(target.repo_id, f.name, revision=target.commit, cache_dir=target.settings.cache_dir,
-                                local_dir=target.local_dir, tqdm_class=functools.partial(_Bar, None, f.name),
-                                **_hub_kwargs(target.settings)))  # fmt: skip
-    blob = Path(os.path.realpath(path))
-    verify_or_remove(path, f.digest, "git-sha1", f.name, also_remove=(blob,) if blob != path else ())
-    return FileResult(f.name, f.size, "git-sha1", f.digest, downloaded=0 if was_there else f.size)
+    meta = inside(target.local_dir / ".cache" / "huggingface" / "download" / f"{f.name}.metadata", target.root)
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    meta.write_text(f"{target.commit}\n{f.digest}\n{time.time()}\n")
 
 
 # --------------------------------------------------------------------------------------------------------- public
@@ -487,6 +524,7 @@ def download(name_or_repo: str, *, components: tuple[str, ...] | None = None, re
     """Fetch a catalog entry (or a whole repo) into the HF cache or ``local_dir``; every file is checked."""
     settings = settings or HubSettings.from_env()
     request = make_request(name_or_repo, components, revision)
+    _check_revision(request.revision)
     if settings.offline:
         return _local_result(request, settings, local_dir, verify=True)
     commit, files = plan_remote(request, settings)
@@ -498,7 +536,7 @@ def download(name_or_repo: str, *, components: tuple[str, ...] | None = None, re
     with hub_errors(request.repo_id, request.revision, settings):
         result.files = _fetch_all(target, files, progress, workers)
     if local_dir is None and request.revision != commit:
-        ref = target.storage / "refs" / request.revision
+        ref = inside(target.storage / "refs" / _check_revision(request.revision), target.root)
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
     return result
@@ -513,8 +551,11 @@ def _local_result(request: Request, settings: HubSettings, local_dir: Path | Non
         commit, folder = rev, local_dir
     else:
         storage = settings.cache_dir / ("models--" + repo.replace("/", "--"))
-        ref = storage / "refs" / rev
+        ref = storage / "refs" / _check_revision(rev)
         commit = rev if _SHA1.match(rev) else (ref.read_text().strip() if ref.is_file() else "")
+        if commit and not _SHA1.match(commit):
+            raise HubError(f"{ref} holds {commit[:80]!r}, not a commit hash - the cache is damaged; delete that file "
+                           "and download again")  # fmt: skip
         folder = storage / "snapshots" / commit
     if not commit or not folder.is_dir():
         raise HubError(f"{repo}@{rev} is not in the cache {local_dir or settings.cache_dir} (HF_HUB_OFFLINE) - {hint}")
@@ -524,18 +565,19 @@ def _local_result(request: Request, settings: HubSettings, local_dir: Path | Non
     if every_component or not names:
         _check_components(request, names, f"{repo}@{rev} in {folder}", f"that component was not downloaded; {hint}")
     result = DownloadResult(repo, rev, commit, folder, True, entry=request.entry)
+    root = local_dir if local_dir is not None else folder.parent.parent
     for name in names:
-        result.files.append(_check_local(folder / name, name, local_dir, verify))
+        result.files.append(_check_local(folder / name, name, local_dir, verify, root))
     return result
 
 
-def _check_local(path: Path, name: str, local_dir: Path | None, verify: bool) -> FileResult:
+def _check_local(path: Path, name: str, local_dir: Path | None, verify: bool, root: Path) -> FileResult:
     """Check a file on disk against the digest its cache blob is named by (or its --dir metadata etag)."""
     blob = Path(os.path.realpath(path))
     digest = blob.name if local_dir is None else _local_etag(local_dir, name)
     algorithm = algorithm_of(digest or "")
     if verify and algorithm is not None:
-        verify_or_remove(path, digest, algorithm, name, also_remove=(blob,) if blob != path else ())
+        verify_or_remove(path, digest, algorithm, name, also_remove=(blob,) if blob != path else (), root=root)
     return FileResult(name, path.stat().st_size, algorithm or "none", digest)
 
 

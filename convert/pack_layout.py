@@ -13,10 +13,9 @@ import torch
 
 from wanpack.convert.safetensors_io import PlannedTensor, ShardLayout, plan_shard, st_dtype
 from wanpack.manifests.arch import TensorSpec
-from wanpack.manifests.format import BlockEntry, QuantInfo, RangeEntry, ShardEntry, TensorEntry
+from wanpack.manifests.format import SCALE_SUFFIX, BlockEntry, QuantInfo, RangeEntry, ShardEntry, TensorEntry
 
 QUANT_WEIGHT_DTYPES = {"int8": "I8", "fp8": "F8_E4M3"}
-SCALE_SUFFIX = "_scale"
 NON_BLOCK = "non_block"
 
 

@@ -349,7 +349,8 @@ def open_pth_source(path: str | os.PathLike) -> PthSource:
     return PthSource(path, state)
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+def sha256_file(path: Path | int, chunk: int = 16 << 20) -> str:
+    """sha256 of a file's bytes; ``path`` may be an open fd, which is read from its position and closed."""
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -225,9 +225,8 @@ def synth_checkpoint(out: str | os.PathLike, arch: str, *, layers: int | None = 
         if progress:
             progress(done[0], total)
 
-    target = AtomicPackDir(out, force=force, marker=SYNTH_DECLARATION, what="a synthetic checkpoint")
-    try:
-        tmp = target.tmp
+    with AtomicPackDir(out, force=force, marker=SYNTH_DECLARATION, what="a synthetic checkpoint") as target:
+        tmp = target.tmp  # leaving the block without commit() removes it (Ctrl-C, a full disk)
         configs = {"dit": config_to_dict(cfg), **{k: config_to_dict(c) for k, c in encoders.items()}}
         declaration = {"arch": arch, "dim_scale": dim_scale, "seed": seed,
                        "note": "random weights made by wanpack synth", "configs": configs}  # fmt: skip
@@ -242,9 +241,6 @@ def synth_checkpoint(out: str | os.PathLike, arch: str, *, layers: int | None = 
                 written["tokenizer"] = synth_tokenizer(tmp / TOKENIZER_DIR, vocab_size=enc.vocab,
                                                        max_length=enc.text_len)  # fmt: skip
         target.commit()
-    except BaseException:
-        target.abort()
-        raise
     return {k: [Path(out) / p.relative_to(tmp) for p in paths] for k, paths in written.items()}
 
 

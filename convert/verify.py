@@ -1,45 +1,72 @@
-"""Checking a pack's files against its manifest: sizes, sha256, and the safetensors headers' offsets."""
+"""Checking a pack's files against its manifest: every file it lists (shards and extra files such as the tokenizer)
+for size and sha256, and each shard's safetensors header for the offsets, dtypes and shapes the manifest records.
+
+Files are opened the way the runtime opens them (manifests/pack_files.py): inside the pack after resolving symlinks,
+regular files only, so a hostile pack cannot make `verify` hash /dev/zero or block on a FIFO.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wanpack.convert.safetensors_io import StHeader
 from wanpack.convert.sources import sha256_file
-from wanpack.errors import SourceError
-from wanpack.manifests.format import read_manifest
+from wanpack.errors import PackFormatError, SourceError
+from wanpack.manifests.format import ShardEntry, read_manifest
+from wanpack.manifests.pack_files import open_pack_file
 
 
-def verify_pack(pack: str | os.PathLike) -> tuple[dict[str, str], int]:
-    """Return ({relative path: what is wrong}, number of files checked); an empty dict means the pack is intact."""
+@dataclass
+class VerifyReport:
+    """What `wanpack verify` found; an empty ``problems`` means every recorded size and hash matched."""
+
+    checked: int = 0
+    problems: dict[str, str] = field(default_factory=dict)  # relative path -> what is wrong
+    unrecorded: list[str] = field(default_factory=list)  # listed files with no recorded hash (format-1 packs)
+
+
+def verify_pack(pack: str | os.PathLike) -> VerifyReport:
+    """Check every file the manifest lists; see the module docstring."""
     pack = Path(pack)
     manifest = read_manifest(pack)
-    problems: dict[str, str] = {}
-    checked = 0
+    report = VerifyReport()
     for comp in manifest.components.values():
-        for shard in comp.shards:
-            checked += 1
-            path = pack / shard.path
-            if not path.is_file():
-                problems[shard.path] = "missing"
-                continue
-            size = path.stat().st_size
-            if size != shard.size:
-                problems[shard.path] = f"size {size} != {shard.size} in the manifest"
-                continue
-            digest = sha256_file(path)
-            if digest != shard.sha256:
-                problems[shard.path] = f"sha256 {digest[:16]}... != {shard.sha256[:16]}... in the manifest"
-                continue
-            try:
-                header = StHeader.read(path)
-            except SourceError as exc:
-                problems[shard.path] = str(exc)
-                continue
-            for t in shard.tensors:
-                info = header.tensors.get(t.name)
-                if info is None or (info.offset, info.length, info.dtype) != (t.offset, t.length, t.dtype):
-                    problems[shard.path] = f"header disagrees with the manifest about {t.name}"
-                    break
-    return problems, checked
+        listed = [(s.path, s.size, s.sha256, s) for s in comp.shards]
+        listed += [(f.path, f.size, f.sha256, None) for f in comp.files]
+        for rel, size, sha, shard in listed:
+            report.checked += 1
+            if sha is None:
+                report.unrecorded.append(rel)
+            problem = _check_file(pack, rel, size, sha, shard)
+            if problem:
+                report.problems[rel] = problem
+    return report
+
+
+def _check_file(pack: Path, rel: str, size: int | None, sha: str | None, shard: ShardEntry | None) -> str | None:
+    """What is wrong with one listed file, or None."""
+    if not os.path.lexists(pack / rel):
+        return "missing"
+    try:
+        fd, path = open_pack_file(pack, rel, size)
+    except PackFormatError as exc:
+        return str(exc)
+    digest = sha256_file(fd) if sha is not None else None  # reads and closes fd
+    if sha is None:
+        os.close(fd)
+    elif digest != sha:
+        return f"sha256 {digest[:16]}... != {sha[:16]}... in the manifest"
+    if shard is None:
+        return None
+    try:
+        header = StHeader.read(path)
+    except SourceError as exc:
+        return str(exc)
+    for t in shard.tensors:
+        info = header.tensors.get(t.name)
+        if info is None or (info.offset, info.length, info.dtype, list(info.shape)) != (t.offset, t.length, t.dtype,
+                                                                                         t.shape):  # fmt: skip
+            return f"header disagrees with the manifest about {t.name} (offset, length, dtype or shape)"
+    return None

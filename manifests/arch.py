@@ -10,6 +10,7 @@ membership from the manifest the converter wrote. Facts come from ../shared/refe
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -216,18 +217,92 @@ def config_to_dict(cfg: ArchConfig) -> dict:
 
 
 def config_from_dict(data: dict) -> ArchConfig:
-    """Inverse of :func:`config_to_dict`; the ``kind`` field picks the class."""
+    """Inverse of :func:`config_to_dict`; the ``kind`` field picks the class. Every field is checked for type and
+    range (:func:`check_config`): configs come from manifests and config.json files, which are not trusted."""
     classes = {"dit": DiTConfig, "t5": T5Config, "clip": CLIPConfig, "vae": VAEConfig}
+    if not isinstance(data, dict):
+        raise UsageError(f"config is a {type(data).__name__}, not an object")
     kind = data.get("kind")
-    if kind not in classes:
-        raise UsageError(f"config has unknown kind {kind!r} - expected one of {', '.join(classes)}")
+    if not isinstance(kind, str) or kind not in classes:
+        raise UsageError(f"config has unknown kind {str(kind)[:40]!r} - expected one of {', '.join(classes)}")
     cls = classes[kind]
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(names)
     if unknown:
-        raise UsageError(f"{kind} config has unknown fields {sorted(unknown)}")
+        raise UsageError(f"{kind} config has unknown fields {sorted(unknown)[:5]}")
+    missing = [n for n, f in names.items() if n not in data and f.default is dataclasses.MISSING]
+    if missing:
+        raise UsageError(f"{kind} config lacks {', '.join(missing)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**values)
+    cfg = cls(**values)
+    check_config(cfg)
+    return cfg
+
+
+# Inclusive bounds of the integer fields: far above any Wan2.1 network, far below sizes that exhaust memory.
+MAX_WIDTH = 1 << 16
+_INT_LIMITS: dict[str, tuple[int, int]] = {
+    "num_heads": (1, 1024), "num_layers": (1, 1024), "use_layers": (1, 1024), "in_dim": (1, 1024),
+    "out_dim": (1, 1024), "z_dim": (1, 1024), "num_res_blocks": (1, 64), "text_len": (1, 8192),
+    "image_tokens": (1, 8192), "num_buckets": (1, 4096), "max_dist": (1, 1 << 20), "vocab": (1, 1 << 22),
+    "image_size": (1, 4096), "patch_size": (1, 4096), "ffn_dim": (1, 1 << 18), "dim_ffn": (1, 1 << 18),
+    "mlp_dim": (1, 1 << 18),
+}  # fmt: skip
+_MAX_ITEMS = 1024
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v: object) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _field_problem(name: str, kind: str, v: object) -> str | None:
+    """What is wrong with one field's value given its annotation, or None."""
+    if kind == "str":
+        return None if isinstance(v, str) and 0 < len(v) <= 256 else "must be a short string"
+    if kind == "int":
+        lo, hi = _INT_LIMITS.get(name, (1, MAX_WIDTH))
+        return None if _is_int(v) and lo <= v <= hi else f"must be an integer in [{lo}, {hi}]"
+    if kind == "float":
+        return None if _is_finite(v) and 0 < v < 1 else "must be a number in (0, 1)"
+    if not isinstance(v, tuple) or not 0 < len(v) <= _MAX_ITEMS:
+        return f"must be a list of 1 to {_MAX_ITEMS} items"
+    if kind.startswith("tuple[int"):
+        ok = all(_is_int(x) and 1 <= x <= 64 for x in v) and (kind.endswith("...]") or len(v) == kind.count("int"))
+        return None if ok else "must list integers in [1, 64]" + ("" if kind.endswith("...]") else f", {len(v)} wanted")
+    if kind == "tuple[bool, ...]":
+        return None if all(isinstance(x, bool) for x in v) else "must list true/false values"
+    return None if all(_is_finite(x) for x in v) else "must list finite numbers"
+
+
+def check_config(cfg: ArchConfig) -> None:
+    """Types and ranges of every field, and the relations the model code divides by (UsageError naming the field)."""
+    for f in dataclasses.fields(cfg):
+        problem = _field_problem(f.name, str(f.type), getattr(cfg, f.name))
+        if problem:
+            raise UsageError(f"{cfg.kind} config field {f.name} = {str(getattr(cfg, f.name))[:60]} {problem}")
+    rules: list[tuple[bool, str]] = []
+    if isinstance(cfg, DiTConfig):
+        rules = [(cfg.model_type in ("t2v", "i2v"), "model_type must be t2v or i2v"),
+                 (cfg.dim % cfg.num_heads == 0, "num_heads must divide dim"),
+                 (cfg.head_dim % 2 == 0 and cfg.head_dim >= 6, "dim / num_heads must be even and at least 6"),
+                 (cfg.freq_dim % 2 == 0, "freq_dim must be even")]  # fmt: skip
+    elif isinstance(cfg, T5Config):
+        rules = [(cfg.dim_attn % cfg.num_heads == 0, "num_heads must divide dim_attn")]
+    elif isinstance(cfg, CLIPConfig):
+        rules = [(cfg.dim % cfg.num_heads == 0, "num_heads must divide dim"),
+                 (cfg.patch_size <= cfg.image_size, "patch_size must not exceed image_size"),
+                 (cfg.use_layers <= cfg.num_layers, "use_layers must not exceed num_layers")]  # fmt: skip
+    elif isinstance(cfg, VAEConfig):
+        rules = [(len(cfg.temporal_downsample) == len(cfg.dim_mult) - 1, "temporal_downsample needs len(dim_mult)-1"),
+                 (len(cfg.latents_mean) == len(cfg.latents_std) == cfg.z_dim, "latents_mean/std need z_dim items"),
+                 (all(s > 0 for s in cfg.latents_std), "latents_std must be positive")]  # fmt: skip
+    for ok, rule in rules:
+        if not ok:
+            raise UsageError(f"{cfg.kind} config: {rule}")
 
 
 def dit_config_from_hub(hub: dict, arch: str) -> DiTConfig:
@@ -244,7 +319,9 @@ def dit_config_from_hub(hub: dict, arch: str) -> DiTConfig:
             f"config.json says model_type {hub.get('model_type')!r} but --arch {arch} is {base.model_type} - "
             "pass the matching --arch"
         )
-    return dataclasses.replace(base, **{k: v for k, v in hub.items() if k in fields})
+    cfg = dataclasses.replace(base, **{k: v for k, v in hub.items() if k in fields})
+    check_config(cfg)
+    return cfg
 
 
 # The fields that decide a DiT's tensor shapes: what --arch must agree with (layer count aside).

@@ -25,6 +25,10 @@ PRESET_DIR = Path(__file__).parent / "presets"
 SAMPLERS = ("unipc", "dpm++", "euler", "distill")
 DISTILL_STEP_LIST = (1000, 750, 500, 250)
 OFFLOAD_GRANULARITIES = ("block", "phase", "model")
+READ_MODES = ("cached", "direct")
+# Settings that say how to use the machine rather than what to make: the planner fills the ones left unset.
+OFFLOAD_FIELDS = ("cpu_offload", "offload_granularity", "lazy_load", "num_disk_workers", "t5_cpu_offload",
+                  "clip_cpu_offload", "read_mode", "chunk_tokens", "vae_tiling")  # fmt: skip
 TASKS = ("t2v", "i2v")
 # The reference's shared negative prompt (Wan2.1 shared_config.sample_neg_prompt), used for the CFG branch.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -54,14 +58,17 @@ class RunConfig:
     guidance: float = 5.0
     enable_cfg: bool = True
     denoising_step_list: tuple[int, ...] | None = None  # distill sampler only; None: [1000, 750, 500, 250]
-    # memory: where weights live and how they move
-    cpu_offload: bool = True  # stream the DiT from host memory instead of keeping it on the GPU
-    offload_granularity: str = "block"  # unit streamed: "block", "phase" (self-attn / cross-attn / ffn) or "model"
-    lazy_load: bool = False  # read blocks from disk when needed instead of holding the pack in RAM
-    num_disk_workers: int = 2
-    t5_cpu_offload: bool = True  # T5 streamed/offloaded, run once, released before the DiT
-    clip_cpu_offload: bool = True
+    # memory: where weights live and how they move. None everywhere means "the planner decides" from the budgets and
+    # what the machine has free (runtime/run_plan.py); a value set by the user or a --config is honored and recorded.
+    cpu_offload: bool | None = None  # stream the DiT (True) or keep it whole on the GPU (False)
+    offload_granularity: str | None = None  # unit streamed: "block", "phase" (self-attn / cross-attn / ffn) or "model"
+    lazy_load: bool | None = None  # True: no host cache, every step reads the pack again
+    num_disk_workers: int | None = None
+    t5_cpu_offload: bool | None = None  # True: stream the T5 block by block; False: load it whole onto the GPU
+    clip_cpu_offload: bool | None = None  # likewise for CLIP
     vae_cpu_offload: bool = False
+    read_mode: str | None = None  # "cached" (page cache kept for the next run) or "direct" (O_DIRECT)
+    chunk_tokens: int | None = None  # DiT activation chunk (tokens); None: the planner's
     vram_budget_gib: float | None = None  # None: what the device has free
     ram_budget_gib: float | None = None  # None: what the host has available
     clean_cuda_cache: bool = False  # empty the CUDA caching allocator between stages
@@ -72,7 +79,7 @@ class RunConfig:
     t5_quant: tuple[str, ...] | None = None
     clip_quant: tuple[str, ...] | None = None
     # VAE and output
-    vae_tiling: bool = False
+    vae_tiling: bool | None = None  # None: tile only when the free memory needs it
     tiny_vae: bool = False  # decode with the tiny VAE (previews)
     tiny_vae_path: str | None = None
     save_latents: bool = False
@@ -87,6 +94,10 @@ class RunConfig:
     def step_list(self) -> tuple[int, ...]:
         """The distilled schedule's timesteps (the default list unless the config gives one)."""
         return self.denoising_step_list or DISTILL_STEP_LIST
+
+    def explicit_offload(self) -> dict[str, Any]:
+        """The offload settings someone set (preset, --config or flag); the planner honors these and fills the rest."""
+        return {k: getattr(self, k) for k in OFFLOAD_FIELDS if getattr(self, k) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (tuples as lists), e.g. for the run sidecar."""
@@ -121,6 +132,7 @@ CHOICES: dict[str, tuple] = {
     "arch": tuple(DIT_ARCHS),
     "sampler": SAMPLERS,
     "offload_granularity": OFFLOAD_GRANULARITIES,
+    "read_mode": READ_MODES,
 }
 QUANT_FIELDS = ("dit_quant", "t5_quant", "clip_quant")
 
@@ -307,7 +319,8 @@ def validate(cfg: RunConfig, names: Mapping[str, str] | None = None) -> None:
         (cfg.shift > 0, "shift", "positive (5.0; 3.0 for I2V at 480p)"),
         (cfg.guidance > 0, "guidance", "positive (5.0 for the base models)"),
         (1 <= cfg.fps <= 240, "fps", "between 1 and 240"),
-        (1 <= cfg.num_disk_workers <= 64, "num_disk_workers", "between 1 and 64"),
+        (cfg.num_disk_workers is None or 1 <= cfg.num_disk_workers <= 64, "num_disk_workers", "between 1 and 64"),
+        (cfg.chunk_tokens is None or 256 <= cfg.chunk_tokens <= 1 << 20, "chunk_tokens", "between 256 and 1048576"),
         (cfg.rope_chunk_size >= 1, "rope_chunk_size", "at least 1"),
         (cfg.seed is None or 0 <= cfg.seed < 2**63, "seed", "between 0 and 2^63-1"),
         (cfg.vram_budget_gib is None or cfg.vram_budget_gib > 0, "vram_budget_gib", "positive (GiB)"),

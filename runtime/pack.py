@@ -17,6 +17,7 @@ import torch
 
 from wanpack.errors import PackFormatError
 from wanpack.manifests.format import ComponentEntry, Manifest, TensorEntry, read_manifest
+from wanpack.manifests.pack_files import open_pack_file, resolve_inside
 
 TORCH_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -87,7 +88,14 @@ class PackComponent:
         self.name = component
 
     def path(self, shard: str) -> Path:
-        return self.root / shard
+        """Where a shard really is: symlinks resolved, refused (PackFormatError) if that leaves the pack."""
+        return resolve_inside(self.root, shard)
+
+    def check_files(self) -> None:
+        """The component's extra files (tokenizer): inside the pack, regular, and of the size the manifest records
+        (version-1 packs record none)."""
+        for f in self.entry.files:
+            os.close(open_pack_file(self.root, f.path, f.size)[0])
 
     @property
     def num_blocks(self) -> int:
@@ -133,14 +141,20 @@ class PackComponent:
     def non_block_bytes(self) -> int:
         return sum(t.length for _, t in self.non_block_tensors())
 
-    def load_resident(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Read the non-block tensors (full names) once and place them on ``device``; one positioned read each."""
+    def load_resident(self, device: torch.device | str = "cpu", skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """Read the non-block tensors (full names) once and place them on ``device``; one positioned read each. Each
+        shard is opened only inside the pack, as a regular file of its manifest size, before anything is allocated.
+
+        ``skip`` names tensors to leave on disk (the T5's 2 GiB token table: ``read_rows`` fetches what a prompt uses).
+        """
         out: dict[str, torch.Tensor] = {}
         fds: dict[str, int] = {}
         try:
             for shard, t in self.non_block_tensors():
+                if t.name in skip:
+                    continue
                 if shard not in fds:
-                    fds[shard] = _open_or_raise(self.path(shard))
+                    fds[shard] = open_pack_file(self.root, shard, self.entry.shard(shard).size)[0]
                 buf = torch.empty(t.length, dtype=torch.uint8)
                 _pread_exact(fds[shard], buf, t.offset, self.path(shard), t.name)
                 out[t.name] = tensor_view(buf, 0, t.length, TORCH_DTYPES[t.dtype], tuple(t.shape)).to(device)
@@ -148,6 +162,32 @@ class PackComponent:
             for fd in fds.values():
                 os.close(fd)
         return out
+
+    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows of a 2-D non-block tensor (e.g. the token table), in the order given: [len(rows), columns], on the CPU.
+
+        A prompt uses a few hundred of the T5's 256k vocabulary rows; reading those (8 KiB each) instead of the whole
+        2 GiB table is what makes the text phase cost its blocks' bytes and nothing more.
+        """
+        found = [(shard, t) for shard, t in self.non_block_tensors() if t.name == name]
+        if not found:
+            raise PackFormatError(f"{self.root}: component {self.name} has no tensor {name} - convert again")
+        shard, t = found[0]
+        if len(t.shape) != 2:
+            raise PackFormatError(f"{self.root}: {name} is not a 2-D table - the manifest is damaged; convert again")
+        n_rows, cols = t.shape
+        dtype = TORCH_DTYPES[t.dtype]
+        row_bytes = cols * torch.empty((), dtype=dtype).element_size()
+        out = torch.empty((len(rows), row_bytes), dtype=torch.uint8)
+        fd = open_pack_file(self.root, shard, self.entry.shard(shard).size)[0]
+        try:
+            for i, r in enumerate(rows):
+                if not 0 <= r < n_rows:
+                    raise PackFormatError(f"row {r} is outside {name} ({n_rows} rows) - use the pack's own tokenizer")
+                _pread_exact(fd, out[i], t.offset + r * row_bytes, self.path(shard), name)
+        finally:
+            os.close(fd)
+        return out.view(dtype).view(len(rows), cols)
 
 
 def views(buf: torch.Tensor, unit: Unit) -> dict[str, torch.Tensor]:
@@ -169,14 +209,6 @@ class WeightViews(Mapping):
 
     def __len__(self) -> int:
         return len(self._data)
-
-
-def _open_or_raise(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise PackFormatError(f"{path}: cannot open shard ({exc.strerror}) - the pack is incomplete; "
-                              "convert again or check permissions") from None  # fmt: skip
 
 
 def _pread_exact(fd: int, buf: torch.Tensor, offset: int, path: Path, what: str) -> None:

@@ -1,16 +1,16 @@
 """`wanpack run`: prompt (+ image) -> mp4, every network read from a pack and streamed as the budgets require.
 
-Stages, each releasing its memory before the next starts: check everything cheap first (pack, task, image, sizes,
-output path), then text (T5 streamed block by block), image (CLIP streamed, VAE encode of the first frame), denoise
-(the DiT streamed by the planner's plan, CFG as one batch of 2 so each block crosses the bus once per step), decode
-(VAE, tiled to a budget) and write (mp4 + JSON sidecar, atomically).
+This module holds the cheap up-front checks (pack, task, image, sizes, output path: bad input fails in well under a
+second) and the stage functions: text (T5 streamed block by block), image (CLIP streamed, VAE encode of the first
+frame), denoise (the DiT streamed by the plan, CFG as one batch of 2 so each block crosses the bus once per step) and
+decode (VAE chunks, tiled to a budget). runtime/session.py strings them together and keeps what can be kept between
+videos; ``run`` is one video in a fresh session.
 """
 
 from __future__ import annotations
 
 import gc
-import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,24 +20,25 @@ from wanpack.errors import UsageError
 from wanpack.manifests.arch import CLIPConfig, DiTConfig, T5Config, VAEConfig, config_from_dict
 from wanpack.manifests.format import Manifest, read_manifest
 from wanpack.manifests.run_config import RunConfig
+from wanpack.runtime.image_limits import open_bounded
 from wanpack.runtime.models import dit
 from wanpack.runtime.models.clip import CLIPVision
 from wanpack.runtime.models.t5 import T5Encoder
 from wanpack.runtime.models.tokenizer import T5Tokenizer
-from wanpack.runtime.models.vae import encode as vae_encode
-from wanpack.runtime.models.vae_tiling import decode_within, encode_within
-from wanpack.runtime.pack import PackComponent
+from wanpack.runtime.models.vae import decode_frames
+from wanpack.runtime.models.vae_tiling import decode_tiled, encode_within, tiling_for_budget
 from wanpack.runtime.run_limits import check_video_size
-from wanpack.runtime.run_record import RunRecord, StageTimer, file_sha256, latents_path, sidecar_path, write_sidecar
+from wanpack.runtime.run_plan import plan_run
+from wanpack.runtime.run_record import RunRecord, latents_path, sidecar_path
 from wanpack.runtime.sampling import make_scheduler
 from wanpack.runtime.sampling.loop import denoise, i2v_latent_hw, initial_noise, latent_shape
+from wanpack.runtime.session import Job, Session, prepare_device, select_device
 from wanpack.runtime.stream.dit_stream import streamed_forward
-from wanpack.runtime.stream.engine import StreamEngine, StreamOptions
-from wanpack.runtime.stream.planner import detect_budgets, plan
-from wanpack.runtime.video import check_outputs, require_av, save_latents, write_video
+from wanpack.runtime.stream.engine import StreamEngine
+from wanpack.runtime.video import check_outputs, require_av
 
 GiB = 1 << 30
-Progress = Callable[[str, dict], None]  # (event, details): "stage", "step"
+Progress = Callable[[str, dict], None]  # (event, details): "plan", "stage", "step", "frames", "done", "note", "warning"
 
 
 @dataclass
@@ -50,8 +51,8 @@ class RunRequest:
     device: str | None = None
     synthetic: bool = False
     command: list[str] = field(default_factory=list)
-    overwrite: bool = False  # replace existing outputs
-    config_file: Path | None = None  # --config, an input no output may overwrite
+    overwrite: bool = False  # replace existing outputs (video, sidecar, latents)
+    config_file: Path | None = None  # --config: an input no output may overwrite
 
 
 @dataclass
@@ -65,15 +66,16 @@ class Checked:
     height: int
     width: int
     latent: tuple[int, int, int, int]  # [C, F, h, w]
+    config: RunConfig
 
 
 def _load_image(path: Path) -> torch.Tensor:
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
     except ImportError:
         raise UsageError("reading --image needs Pillow - pip install Pillow") from None
     try:
-        with Image.open(path) as im:
+        with open_bounded(path) as im:  # refuses images over a pixel cap before decoding them
             rgb = im.convert("RGB")
     except FileNotFoundError:
         raise UsageError(f"--image {path}: file not found") from None
@@ -85,13 +87,16 @@ def _load_image(path: Path) -> torch.Tensor:
     return arr.float().div_(127.5).sub_(1.0)
 
 
-def check_request(req: RunRequest) -> Checked:
+def check_request(req: RunRequest, manifest: Manifest | None = None) -> Checked:
     """Every check that needs no weights: fails in well under a second with one line, before any heavy work."""
     cfg = req.config
     require_av()
-    check_outputs([req.out, sidecar_path(req.out)] + ([latents_path(req.out)] if cfg.save_latents else []),
-                  {"--image": req.image, "--config": req.config_file, "--tiny-vae": cfg.tiny_vae_path}, req.overwrite)
-    manifest = read_manifest(req.pack)
+    outputs = [req.out, sidecar_path(req.out), latents_path(req.out)]  # the latent is always saved before decoding
+    check_outputs(outputs, {"--image": req.image, "--config": req.config_file, "--tiny-vae": cfg.tiny_vae_path},
+                  req.overwrite)  # fmt: skip
+    check_run_inputs(cfg)
+    device = select_device(req.device)
+    manifest = manifest or read_manifest(req.pack)
     dit_entry = manifest.component("dit")
     dit_cfg = config_from_dict(dit_entry.config)
     if not isinstance(dit_cfg, DiTConfig):
@@ -121,10 +126,10 @@ def check_request(req: RunRequest) -> Checked:
         height, width = lat_h * 8, lat_w * 8
     elif req.image is not None:
         raise UsageError(f"{req.pack} holds a text-to-video model, which takes no --image - drop it or use an i2v pack")
-    check_video_size(cfg.frames, height, width, tuple(dit_cfg.patch_size), cfg.ram_budget_gib)
-    check_run_inputs(cfg)
+    check_video_size(cfg.frames, height, width, tuple(dit_cfg.patch_size), cfg.ram_budget_gib,
+                     on_gpu=device.type == "cuda")  # fmt: skip
     latent = latent_shape(cfg.frames, height, width, dit_cfg.out_dim)
-    return Checked(manifest, dit_cfg, task, image, height, width, latent)
+    return Checked(manifest, dit_cfg, task, image, height, width, latent, cfg)
 
 
 def check_run_inputs(cfg: RunConfig) -> None:
@@ -136,24 +141,15 @@ def check_run_inputs(cfg: RunConfig) -> None:
     if cfg.tiny_vae:
         from wanpack.runtime.models.tiny_vae import load_tiny_vae
 
-        load_tiny_vae(cfg.tiny_vae_path)
+        load_tiny_vae(cfg.tiny_vae_path or "")
 
 
-def _device(requested: str | None) -> torch.device:
-    if requested:
-        try:
-            dev = torch.device(requested)
-        except RuntimeError:
-            dev = None
-        if dev is None or dev.type not in ("cpu", "cuda"):
-            raise UsageError(f"--device {requested!r} is not cpu, cuda or cuda:N - pick one of those")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda asked for, but no CUDA device is available - drop --device")
-        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-            raise UsageError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA devices - "
-                             "pick one of them")  # fmt: skip
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def check_budgets(req: RunRequest, checked: Checked) -> None:
+    """The planner's memory verdict (BudgetError, exit 2) before a session opens or any weight is read: it needs only
+    the manifest and the budgets. The session plans the same run again (runtime/run_plan.py is the one planner)."""
+    device, _ = prepare_device(req.device)  # CUDA's settings are fixed before the budget probe starts it
+    plan_run(req.pack, checked.manifest, checked.config, device=device, width=checked.width, height=checked.height,
+             task=checked.task, batch=2 if checked.config.cfg_active else 1)  # fmt: skip
 
 
 def _release(device: torch.device, clean: bool) -> None:
@@ -162,78 +158,54 @@ def _release(device: torch.device, clean: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def _encoder_options(device: torch.device, offload: bool) -> StreamOptions:
-    """T5/CLIP run once per prompt: stream block by block when offloaded, else load everything in one go."""
-    if not offload:
-        return StreamOptions(granularity="model", device_slots=1, prefetch=0, direct_io=device.type == "cuda")
-    return StreamOptions(granularity="block", device_slots=2, prefetch=1, direct_io=device.type == "cuda")
-
-
-def encode_text(pack: Path, prompts: list[str], cfg: RunConfig, device: torch.device,
+def encode_text(engine: StreamEngine, tokenizer: T5Tokenizer, prompts: list[str],
                 dtype: torch.dtype) -> list[torch.Tensor]:  # fmt: skip
-    """T5 output per prompt ([Li, 4096] each), on ``device``; the encoder's memory is gone when this returns."""
-    comp = PackComponent(pack, "t5")
-    t5_cfg = config_from_dict(comp.entry.config)
+    """T5 output per prompt ([Li, 4096] each) on the engine's device, its blocks streamed by ``engine``.
+
+    Only the rows of the token table that the prompts use are read (the engine leaves the 2 GiB table on disk).
+    """
+    t5_cfg = config_from_dict(engine.pack.entry.config)
     assert isinstance(t5_cfg, T5Config)
-    tokens = T5Tokenizer(Path(pack) / "t5" / "tokenizer")(prompts)
+    tokens = tokenizer(prompts)
     enc = T5Encoder(t5_cfg, dtype=dtype)
-    with StreamEngine(comp, _encoder_options(device, cfg.t5_cpu_offload), device) as eng:
-        x, ctx = enc.embed(eng.resident, tokens.ids.to(device), tokens.mask.to(device))
-        for unit, w in eng.forward():
-            for phase in unit.phases:
-                x = enc.phase(phase)(w, x, ctx)
-        out = [t.clone() for t in enc.finish(eng.resident, x, ctx)]
-    return out
+    weights = dict(engine.resident)
+    ids = tokens.ids
+    if "token_embedding.weight" not in weights:
+        rows, ids = torch.unique(tokens.ids, return_inverse=True)
+        if int(rows.min()) < 0 or int(rows.max()) >= t5_cfg.vocab:
+            raise UsageError(f"a token id is outside the T5 vocabulary of {t5_cfg.vocab} - use the pack's tokenizer")
+        weights["token_embedding.weight"] = engine.pack.read_rows("token_embedding.weight", rows.tolist())
+    x, ctx = enc.embed(weights, ids, tokens.mask, device=engine.device)
+    for unit, w in engine.forward():
+        for phase in unit.phases:
+            x = enc.phase(phase)(w, x, ctx)
+    return [t.clone() for t in enc.finish(weights, x, ctx)]
 
 
-def encode_image_clip(pack: Path, image: torch.Tensor, cfg: RunConfig, device: torch.device) -> torch.Tensor:
+def encode_image_clip(engine: StreamEngine, image: torch.Tensor) -> torch.Tensor:
     """CLIP features [1, 257, 1280] of the conditioning image (first use_layers blocks only)."""
-    comp = PackComponent(pack, "clip")
-    clip_cfg = config_from_dict(comp.entry.config)
+    clip_cfg = config_from_dict(engine.pack.entry.config)
     assert isinstance(clip_cfg, CLIPConfig)
-    enc = CLIPVision(clip_cfg, dtype=torch.float16 if device.type == "cuda" else torch.float32)
-    with StreamEngine(comp, _encoder_options(device, cfg.clip_cpu_offload), device) as eng:
-        x, ctx = enc.embed(eng.resident, image[None].to(device))  # embed resizes and normalizes (once)
-        for unit, w in eng.forward():
-            if unit.block >= enc.num_blocks:
-                break  # Wan uses the first 31 of 32 blocks: the last is never computed
-            for phase in unit.phases:
-                x = enc.phase(phase)(w, x, ctx)
-        out = enc.finish(eng.resident, x, ctx).clone()
-    return out
+    enc = CLIPVision(clip_cfg, dtype=torch.float16 if engine.device.type == "cuda" else torch.float32)
+    x, ctx = enc.embed(engine.resident, image[None].to(engine.device))  # embed resizes and normalizes (once)
+    for unit, w in engine.forward():
+        if unit.block >= enc.num_blocks:
+            break  # Wan uses the first 31 of 32 blocks: the last is never computed
+        for phase in unit.phases:
+            x = enc.phase(phase)(w, x, ctx)
+    return enc.finish(engine.resident, x, ctx).clone()
 
 
-def _vae(pack: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], VAEConfig]:
-    comp = PackComponent(pack, "vae")
-    vae_cfg = config_from_dict(comp.entry.config)
-    assert isinstance(vae_cfg, VAEConfig)
-    return comp.load_resident(device), vae_cfg
-
-
-def _vae_budget(device: torch.device, cfg: RunConfig) -> float:
-    """Working memory the VAE may use: the free VRAM (within the budget), or plenty on the CPU."""
-    if device.type != "cuda":
-        return float("inf") if not cfg.vae_tiling else 256 * (1 << 20)
-    free = torch.cuda.mem_get_info()[0]
-    if cfg.vram_budget_gib is not None:
-        free = min(free, int(cfg.vram_budget_gib * GiB) - torch.cuda.memory_allocated())
-    return max(free * 0.8, 64 * (1 << 20))
-
-
-def image_condition(pack: Path, image: torch.Tensor, checked: Checked, cfg: RunConfig,
-                    device: torch.device) -> torch.Tensor:  # fmt: skip
+def image_condition(weights: dict[str, torch.Tensor], vae_cfg: VAEConfig, image: torch.Tensor, checked: Checked,
+                    cfg: RunConfig, device: torch.device, budget: float) -> torch.Tensor:  # fmt: skip
     """y = [mask (4 channels), VAE latent of (first frame, zeros)] -> [20, F_lat, h, w] (the reference's rule)."""
     _, f_lat, h, w = checked.latent
-    weights, vae_cfg = _vae(pack, device)
     # not clamped: bicubic overshoot past [-1, 1] reaches the VAE, as in the original (image2video.py)
     first = torch.nn.functional.interpolate(image[None].to(device), size=(checked.height, checked.width),
                                             mode="bicubic", align_corners=False)  # fmt: skip
     video = torch.zeros((1, 3, cfg.frames, checked.height, checked.width), device=device)
     video[:, :, 0] = first[0]
-    if cfg.vae_tiling:
-        latent = encode_within(weights, video, vae_cfg, _vae_budget(device, cfg))[0]
-    else:
-        latent = vae_encode(weights, video, vae_cfg)[0]
+    latent = encode_within(weights, video, vae_cfg, budget)[0]
     mask = torch.zeros((1, cfg.frames, h, w), device=device)
     mask[:, 0] = 1
     mask = torch.cat([mask[:, :1].repeat(1, 4, 1, 1), mask[:, 1:]], dim=1)  # frame 0 counted 4 times: 4 * F_lat
@@ -241,115 +213,58 @@ def image_condition(pack: Path, image: torch.Tensor, checked: Checked, cfg: RunC
     return torch.cat([mask, latent.to(mask.dtype)], dim=0)
 
 
-def _dit_engine_options(pack: Path, checked: Checked, cfg: RunConfig, device: torch.device,
-                        batch: int) -> tuple[StreamOptions, int, list[str]]:  # fmt: skip
-    """Stream options and FFN chunk from the planner (GPU), or a plain block stream on the CPU."""
-    comp = PackComponent(pack, "dit")
-    if device.type != "cuda":
-        return StreamOptions(granularity="block", device_slots=2, prefetch=1, direct_io=False), 4096, []
-    vram, ram = detect_budgets()
-    vram_budget = int(cfg.vram_budget_gib * GiB) if cfg.vram_budget_gib else vram
-    ram_budget = int(cfg.ram_budget_gib * GiB) if cfg.ram_budget_gib else ram
-    granularity = None if cfg.cpu_offload else "model"
-    if cfg.cpu_offload and cfg.offload_granularity in ("block", "phase"):
-        granularity = cfg.offload_granularity
-    p = plan(comp, vram_budget=vram_budget, ram_budget=ram_budget, width=checked.width, height=checked.height,
-             frames=cfg.frames, granularity=granularity, disk_workers=cfg.num_disk_workers,
-             cache="none" if cfg.lazy_load else "auto")  # fmt: skip
-    chunk = max(256, p.ffn_chunk // batch)
-    return p.options(), chunk, [f"plan: {p.granularity}, {p.device_slots} slots, prefetch {p.prefetch}, "
-                                f"cache {p.cache_policy}, FFN chunk {chunk} tokens"] + p.notes  # fmt: skip
-
-
-def sample(pack: Path, checked: Checked, cfg: RunConfig, texts: list[torch.Tensor], clip: torch.Tensor | None,
-           y: torch.Tensor | None, seed: int, device: torch.device, dtype: torch.dtype,
+def sample(engine: StreamEngine, checked: Checked, cfg: RunConfig, texts: list[torch.Tensor], clip: torch.Tensor | None,
+           y: torch.Tensor | None, seed: int, device: torch.device, dtype: torch.dtype, chunk: int,
            progress: Progress) -> torch.Tensor:  # fmt: skip
     """The denoising loop on the streamed DiT; returns the clean latent [1, 16, F, h, w] (float32)."""
     guidance = cfg.guidance if cfg.cfg_active else None
     batch = 2 if guidance is not None else 1
-    options, chunk, notes = _dit_engine_options(pack, checked, cfg, device, batch)
-    for n in notes:
-        progress("note", {"text": n})
     opts = dit.DiTOptions(dtype=dtype, chunk_tokens=chunk)
     scheduler = make_scheduler(cfg.sampler, cfg.steps, cfg.shift, cfg.step_list if cfg.sampler == "distill" else None)
     noise = initial_noise((1, *checked.latent), seed, device)
     clip_b = None if clip is None else clip.expand(batch, *clip.shape[1:])
     y_b = None if y is None else y[None].expand(batch, *y.shape)
     kv_cache: dict = {}
-    with StreamEngine(PackComponent(pack, "dit"), options, device) as engine:
 
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return streamed_forward(engine, checked.dit_cfg, x, t, texts[:batch], clip=clip_b, y=y_b,
-                                    kv_cache=kv_cache, opts=opts).float()  # fmt: skip
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return streamed_forward(engine, checked.dit_cfg, x, t, texts[:batch], clip=clip_b, y=y_b,
+                                kv_cache=kv_cache, opts=opts).float()  # fmt: skip
 
-        def on_step(i: int, n: int) -> None:
-            progress("step", {"step": i + 1, "steps": n, "stats": engine.stats()})
+    def on_step(i: int, n: int) -> None:
+        progress("step", {"step": i + 1, "steps": n, "stats": engine.stats()})
 
-        latent = denoise(velocity, noise, scheduler, guidance, on_step)
-    return latent
+    return denoise(velocity, noise, scheduler, guidance, on_step)
 
 
-def decode_video(pack: Path, latent: torch.Tensor, cfg: RunConfig, device: torch.device) -> torch.Tensor:
-    """Latent -> frames [3, F, H, W] in [-1, 1] on the CPU (the Wan VAE, or the tiny preview decoder)."""
+def decoded_chunks(vae: tuple[dict[str, torch.Tensor], VAEConfig] | None, latent: torch.Tensor, cfg: RunConfig,
+                   device: torch.device, budget: float) -> tuple[Iterator[torch.Tensor], list[int] | None]:  # fmt: skip
+    """The decoded video as chunks [1, 3, n, H, W] in [-1, 1] (on ``device``) in frame order, and the VAE tiles used.
+
+    Untiled (and tiny-VAE) decodes yield one latent frame's chunk at a time, so frames can be written while the next
+    decode; a tiled decode runs tile by tile over the whole clip and yields at the end.
+    """
+    latent = latent.to(device)
     if cfg.tiny_vae:
-        from wanpack.runtime.models.tiny_vae import load_tiny_vae, tiny_decode
+        from wanpack.runtime.models.tiny_vae import load_tiny_vae, tiny_decode_frames
 
         if not cfg.tiny_vae_path:
             raise UsageError("--tiny-vae needs the taew2_1 weights file - pass --tiny-vae PATH")
         weights = {k: v.to(device) for k, v in load_tiny_vae(cfg.tiny_vae_path).items()}
-        return tiny_decode(weights, latent.to(device), out_device="cpu")[0]
-    weights, vae_cfg = _vae(pack, device)
-    budget = _vae_budget(device, cfg) if cfg.vae_tiling or device.type == "cuda" else float("inf")
-    return decode_within(weights, latent.to(device), vae_cfg, budget, out_device="cpu")[0]
+        return tiny_decode_frames(weights, latent), None
+    weights, vae_cfg = vae
+    if cfg.vae_tiling is False:
+        budget = float("inf")
+    tiling = tiling_for_budget(vae_cfg, latent.shape[-2], latent.shape[-1], budget)
+    if tiling is None:
+        return decode_frames(weights, latent, vae_cfg), None
+    return iter([decode_tiled(weights, latent, vae_cfg, tiling)]), list(tiling.tile)
 
 
 def run(req: RunRequest, progress: Progress = lambda event, info: None) -> RunRecord:
-    """The whole pipeline; returns the record that was also written next to the video."""
-    checked = check_request(req)
-    cfg = req.config
-    device = _device(req.device)
-    from wanpack.runtime.stream.env import apply_alloc_conf, compute_dtype
-
-    apply_alloc_conf()
-    if device.type == "cuda":  # the planner's memory verdict before any compute (sample() plans the same run again)
-        _dit_engine_options(req.pack, checked, cfg, device, 2 if cfg.cfg_active else 1)
-    dtype = compute_dtype() if device.type == "cuda" else torch.float32
-    seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    timer = StageTimer(sync=device.type == "cuda")
-    record = RunRecord(command=req.command, seed=seed, config=cfg.to_dict(), pack=None if req.synthetic else str(req.pack),
-                       manifest_sha256=file_sha256(Path(req.pack) / "manifest.json"),
-                       synthetic_weights=req.synthetic or checked.manifest.source.synthetic,
-                       prompt=req.prompt, image=str(req.image) if req.image else None, video=str(req.out),
-                       height=checked.height, width=checked.width)  # fmt: skip
-    prompts = [req.prompt] + ([cfg.negative_prompt] if cfg.cfg_active else [])
-    progress("stage", {"name": "text", "device": str(device), "dtype": str(dtype).removeprefix("torch.")})
-    with timer.stage("text"):
-        texts = encode_text(req.pack, prompts, cfg, device, dtype)
-    _release(device, cfg.clean_cuda_cache)
-    clip = y = None
-    if checked.task == "i2v":
-        progress("stage", {"name": "image"})
-        with timer.stage("image"):
-            clip = encode_image_clip(req.pack, checked.image, cfg, device)
-            _release(device, cfg.clean_cuda_cache)
-            y = image_condition(req.pack, checked.image, checked, cfg, device)
-        _release(device, cfg.clean_cuda_cache)
-    progress("stage", {"name": "denoise", "steps": cfg.steps})
-    with timer.stage("denoise"):
-        latent = sample(req.pack, checked, cfg, texts, clip, y, seed, device, dtype, progress)
-    del texts, clip, y
-    _release(device, True)
-    progress("stage", {"name": "decode"})
-    with timer.stage("decode"):
-        frames = decode_video(req.pack, latent, cfg, device)
-    _release(device, cfg.clean_cuda_cache)
-    progress("stage", {"name": "write"})
-    with timer.stage("write"):
-        write_video(req.out, frames, fps=cfg.fps)
-        if cfg.save_latents:
-            record.latents = str(save_latents(latents_path(req.out), latent.cpu()))
-    record.finish(timer)
-    write_sidecar(sidecar_path(req.out), record)
-    return record
+    """The whole pipeline for one video; returns the record that was also written next to it."""
+    checked = check_request(req)  # cheap, before a session touches the GPU or any weight
+    check_budgets(req, checked)
+    job = Job(prompt=req.prompt, out=req.out, config=req.config, image=req.image, synthetic=req.synthetic,
+              command=req.command, overwrite=req.overwrite, config_file=req.config_file)  # fmt: skip
+    with Session(req.pack, req.device, jobs=1) as session:
+        return session.generate(job, progress)

@@ -43,6 +43,40 @@ def peak_rss_bytes() -> int | None:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's live threads, summed by thread name (digits dropped, so the
+    eight disk workers are one line); where a run spends CPU while the GPU works. Empty where /proc is missing."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[str, float] = {}
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")].rstrip("0123456789-_") or "?"
+        fields = stat[stat.rindex(")") + 2 :].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        out[name] = round(out.get(name, 0.0) + seconds, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (interpreter start, imports and CUDA start included)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def peak_vram_bytes() -> dict[str, int] | None:
     """Peak allocated and reserved CUDA memory since the last reset, or None without a GPU."""
     if not torch.cuda.is_available():
@@ -61,16 +95,21 @@ class StageTimer:
         self.sync = sync and torch.cuda.is_available()
         self.seconds: dict[str, float] = {}
 
+    def _wait_for_gpu(self) -> None:
+        """Wait for the work queued so far, asleep (a blocking event) rather than spinning in a synchronize."""
+        if self.sync:
+            done = torch.cuda.Event(blocking=True)
+            done.record()
+            done.synchronize()
+
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        if self.sync:
-            torch.cuda.synchronize()
+        self._wait_for_gpu()
         start = time.perf_counter()
         try:
             yield
         finally:
-            if self.sync:
-                torch.cuda.synchronize()
+            self._wait_for_gpu()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     @property
@@ -87,16 +126,21 @@ class RunRecord:
     config: dict[str, Any]  # RunConfig.to_dict()
     pack: str | None = None  # pack folder, None for the embedded demo model
     manifest_sha256: str | None = None
-    synthetic_weights: bool = False  # random weights (the embedded demo): the video shows noise patterns, not content
+    synthetic_weights: bool = False  # random weights (the demo, or a `wanpack synth` pack): noise patterns, not content
     prompt: str | None = None
     image: str | None = None
     video: str | None = None
     latents: str | None = None
-    height: int | None = None  # the size actually made: for i2v the area rule on the image's aspect, not the request
-    width: int | None = None
+    size: dict[str, int] = field(default_factory=dict)  # what was made: height, width, frames (i2v: from the image)
+    plan: dict[str, Any] = field(default_factory=dict)  # how: the DiT's and encoders' plans, read mode, budgets
+    backends: dict[str, str] = field(default_factory=dict)  # GEMM / attention / norm kernels that ran
+    encoder: dict[str, Any] = field(default_factory=dict)  # video encoder settings and its timing
+    io: dict[str, Any] = field(default_factory=dict)  # pack bytes read, of which from storage (not the page cache)
+    details: dict[str, Any] = field(default_factory=dict)  # sub-phase times: per step, T5 engine, tokenizer wait
     timings_s: dict[str, float] = field(default_factory=dict)
     peak_vram_bytes: dict[str, int] | None = None
     peak_rss_bytes: int | None = None
+    cpu_s: float | None = None  # process CPU time (user + system) so far
     environment: dict[str, str] = field(default_factory=dict)
     created_utc: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -107,6 +151,8 @@ class RunRecord:
             self.timings_s["total"] = round(timer.total, 4)
         self.peak_vram_bytes = peak_vram_bytes()
         self.peak_rss_bytes = peak_rss_bytes()
+        times = os.times()
+        self.cpu_s = round(times.user + times.system, 3)
         self.environment = _environment()
         return self
 

@@ -9,7 +9,9 @@ get_hf_file_metadata, utils._http.hf_raise_for_status):
   exception classes.
 Faults for tests: ``cut[path] = [n1, n2, ...]`` makes the k-th GET of that file send only n_k body bytes and drop the
 connection (later GETs are served whole); ``corrupt.add(path)`` serves bytes with one byte flipped while the metadata
-stays right.
+stays right. Hostile metadata: ``FakeRepo.meta[path]`` overrides fields of that file's sibling entry (``lfs`` one level
+down), which also changes the ETag the file is served with; ``FakeRepo.info_sha`` is the commit model_info claims;
+``FakeHub.etags[path]`` changes only the ETag headers.
 Every request is logged as (method, path, Range header, status).
 """
 
@@ -36,6 +38,8 @@ class FakeRepo:
     files: dict[str, bytes]
     commit: str = "a" * 40
     gated: bool = False  # files need "Authorization: Bearer <token>" with the hub's token
+    meta: dict[str, dict] = field(default_factory=dict)  # hostile sibling fields per file
+    info_sha: str | None = None  # what model_info says the commit is (default: commit)
 
     @classmethod
     def from_folder(cls, folder: Path, extra: dict[str, bytes] | None = None, **kw) -> FakeRepo:
@@ -47,7 +51,10 @@ class FakeRepo:
         entry = {"rfilename": name, "size": len(data), "blobId": git_blob_sha1(data)}
         if name.endswith(LFS_SUFFIXES):
             entry["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
-        return entry
+        override = dict(self.meta.get(name, {}))
+        if "lfs" in override and "lfs" in entry:
+            entry["lfs"] = {**entry["lfs"], **override.pop("lfs")}
+        return {**entry, **override}
 
 
 @dataclass
@@ -56,6 +63,7 @@ class FakeHub:
     token: str = "hf_fake_token"
     cut: dict[str, list[int]] = field(default_factory=dict)
     corrupt: set[str] = field(default_factory=set)
+    etags: dict[str, str] = field(default_factory=dict)  # ETag header overrides per file
     log: list[list] = field(default_factory=list)  # [method, path, Range header, status]
 
     def __post_init__(self):
@@ -123,7 +131,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             repo = self._repo(repo_id, rev)
             if isinstance(repo, int):
                 return repo
-            data = {"id": repo_id, "sha": repo.commit, "gated": "manual" if repo.gated else False,
+            data = {"id": repo_id, "sha": repo.info_sha or repo.commit, "gated": "manual" if repo.gated else False,
                     "siblings": [repo.sibling(n) for n in sorted(repo.files)]}  # fmt: skip
             raw = json.dumps(data).encode()
             self.send_response(200)
@@ -145,7 +153,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if name in hub.corrupt:
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
             sib = repo.sibling(name)
-            etag = sib["lfs"]["sha256"] if "lfs" in sib else sib["blobId"]
+            etag = hub.etags.get(name) or (sib["lfs"]["sha256"] if "lfs" in sib else sib["blobId"])
             start, end = self._range(len(data))
             status = 206 if self.headers.get("Range") else 200
             self.send_response(status)

@@ -263,3 +263,50 @@ def test_source_hash_is_taken_from_the_hub_cache_blob_name(tmp_path):
     (src / DIT_SINGLE).symlink_to(blobs / fake_digest)
     manifest, _ = convert_checkpoint(src, tmp_path / "pack", ConvertOptions())
     assert {f.name: f.sha256 for f in manifest.source.files}[DIT_SINGLE] == fake_digest
+
+
+def _lora_cases() -> list[tuple[str, dict, str]]:
+    up, down = "diffusion_model.blocks.0.ffn.0.lora_up.weight", "diffusion_model.blocks.0.ffn.0.lora_down.weight"
+    ok_up, ok_down = torch.full((128, 2), 0.01), torch.full((2, 64), 0.01)  # tiny 1.3B ffn.0 is [128, 64]
+    nan_up = ok_up.clone()
+    nan_up[3, 1] = float("nan")
+    inf_diff = torch.zeros(64)
+    inf_diff[0] = float("inf")
+    return [
+        ("NaN in lora_up", {up: nan_up, down: ok_down}, "NaN or infinite"),
+        ("inf in a diff", {"diffusion_model.blocks.0.norm3.diff": inf_diff}, "NaN or infinite"),
+        ("finite but the product overflows", {up: torch.full((128, 2), 1e30), down: torch.full((2, 64), 1e30)},
+         "gives NaN or infinite"),
+        ("3-D lora_up", {up: torch.zeros(128, 2, 1), down: ok_down}, "expected two matrices"),
+        ("rank 0", {up: torch.zeros(128, 0), down: torch.zeros(0, 64)}, "rank 1..min(out, in)"),
+        ("up and down ranks differ", {up: torch.zeros(128, 3), down: ok_down}, "rank 1..min(out, in)"),
+        ("alpha of four values", {up: ok_up, down: ok_down, "diffusion_model.blocks.0.ffn.0.alpha": torch.ones(4)},
+         "expected one value"),
+        ("integer weights", {up: ok_up.to(torch.int32), down: ok_down}, "not a float tensor"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("label", "tensors", "message"), _lora_cases(), ids=[c[0] for c in _lora_cases()])
+def test_hostile_lora_is_refused_with_one_line(tmp_path, label, tensors, message):
+    from typer.testing import CliRunner
+
+    from wanpack.cli import app
+
+    src = tmp_path / "src"
+    synth_checkpoint(src, "wan2.1-t2v-1.3b", layers=1, dim_scale="tiny")
+    write_safetensors(tmp_path / "lora.safetensors", tensors)
+    res = CliRunner().invoke(app, ["convert", str(src), "--quant", "none", "--lora", str(tmp_path / "lora.safetensors"),
+                                   "--out", str(tmp_path / "pack")])  # fmt: skip
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert res.exit_code == 1 and "Traceback" not in res.output and lines[-1].startswith("error:"), res.output
+    assert message in " ".join(lines)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["lora.safetensors", "src"]
+
+
+def test_lora_strength_must_be_finite(tmp_path, tiny_t2v):
+    from wanpack.errors import UsageError
+
+    lora = tmp_path / "l.safetensors"
+    write_safetensors(lora, {"blocks.0.norm3.diff": torch.zeros(64)})
+    with pytest.raises(UsageError, match="not a finite number"):
+        convert_checkpoint(tiny_t2v, tmp_path / "p", ConvertOptions(loras=[(str(lora), float("nan"))]))

@@ -12,7 +12,7 @@ def test_dit_bench_smoke(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "benchmarks/dit_bench.py", "--smoke", "--tokens", "300", "--check-tokens", "256",
-           "--iters", "1", "--chunk-tokens", "128", "--profile", "--json", str(out)]  # fmt: skip
+           "--iters", "1", "--chunk-tokens", "128", "--profile", "--attn", "sdpa", "--json", str(out)]  # fmt: skip
     res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -20,3 +20,7 @@ def test_dit_bench_smoke(tmp_path):
     assert set(data["profile_ms"]) == {"bf16", "int8", "fp8"} and all(p["(total)"] > 0 for p in data["profile_ms"].values())
     errs = data["numerics_rel_err"]
     assert errs["bf16"] < errs["int8"] < errs["fp8"] < 0.11
+    # the attention axis (on the GPU: the sage kernels; forced sdpa here runs the same code path)
+    assert data["attention_tflops"]["sdpa"]["300"] > 0
+    assert all(r["block_s_by_attn"]["sdpa"] > 0 for r in data["rows"])
+    assert errs["int8+sdpa"] == errs["int8"]  # sdpa is what the CPU runs anyway

@@ -315,3 +315,74 @@ def test_convert_takes_a_downloaded_catalog_name(hub: FakeHub, tmp_path: Path):
     res = CliRunner().invoke(app, ["convert", "t2v-14b", "--arch", arch, "-c", "dit", "--out", str(pack), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["components"] == ["dit"] and (pack / "manifest.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------- hostile Hub metadata
+
+EVIL = "evil/repo"
+ESCAPE = "../../../../VICTIM"  # from HF_HOME/hub/models--evil--repo/blobs: climbs to tmp_path
+
+
+def _outside(tmp_path: Path) -> dict[str, bytes]:
+    """Every file under tmp_path that is not in the HF cache (what a download may never create or change)."""
+    return {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in tmp_path.rglob("*")
+            if p.is_file() and not p.is_symlink() and "hf" not in p.relative_to(tmp_path).parts}  # fmt: skip
+
+
+HOSTILE = [
+    ("lfs sha256 climbs out", {"meta": {"w.safetensors": {"lfs": {"sha256": ESCAPE}}}}, "invalid LFS sha256"),
+    ("lfs sha256 upper case", {"meta": {"w.safetensors": {"lfs": {"sha256": "A" * 64}}}}, "invalid LFS sha256"),
+    ("lfs sha256 not a string", {"meta": {"w.safetensors": {"lfs": {"sha256": 12}}}}, "invalid LFS sha256"),
+    ("blob id climbs out", {"meta": {"config.json": {"blobId": "../../../../VICTIM"}}}, "invalid git blob id"),
+    ("blob id too long", {"meta": {"config.json": {"blobId": "b" * 41}}}, "invalid git blob id"),
+    ("commit climbs out", {"info_sha": "../../../../VICTIM"}, "invalid commit hash"),
+    ("negative size", {"meta": {"w.safetensors": {"lfs": {"size": -5}}}}, "invalid size"),
+    ("file name climbs out", {"meta": {"config.json": {"rfilename": "../../../../VICTIM"}}}, "unsafe file name"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("label", "hostile", "message"), HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_metadata_never_becomes_a_path(hub: FakeHub, tmp_path: Path, label, hostile, message):
+    files = {"config.json": b"{}", "w.safetensors": b"weights" * 100}
+    hub.repos[EVIL] = FakeRepo(files, commit="1" * 40, **hostile)
+    (tmp_path / "VICTIM").write_bytes(b"precious")
+    before = _outside(tmp_path)
+    res = run(EVIL)
+    assert res.exit_code == 1 and message in res.stderr, res.output
+    assert res.stderr.count("error:") == 1 and "Traceback" not in res.output
+    assert _outside(tmp_path) == before  # nothing outside the cache was written, replaced or deleted
+    assert [e for e in hub.log if "/resolve/" in e[1]] == []  # refused before any file was requested
+
+
+def test_hostile_etag_headers_are_never_used(hub: FakeHub, tmp_path: Path):
+    """huggingface_hub's hf_hub_download names cache blobs after the ETag header, unchecked; wanpack never asks it."""
+    files = {"config.json": b"{}", "w.safetensors": b"weights" * 100}
+    hub.repos[EVIL] = FakeRepo(files, commit="1" * 40)
+    hub.etags.update({"config.json": ESCAPE, "w.safetensors": ESCAPE})
+    (tmp_path / "VICTIM").write_bytes(b"precious")
+    before = _outside(tmp_path)
+    res = run(EVIL, "--json")
+    assert res.exit_code == 0, res.output
+    folder = Path(json.loads(res.stdout)["folder"])
+    assert {n: (folder / n).read_bytes() for n in files} == files
+    assert _outside(tmp_path) == before
+
+
+def test_cache_symlink_to_outside_is_never_deleted(hub: FakeHub, tmp_path: Path, monkeypatch):
+    files = {"config.json": b"{}", "w.safetensors": b"weights" * 100}
+    hub.repos[EVIL] = FakeRepo(files, commit="1" * 40)
+    assert run(EVIL).exit_code == 0
+    victim = tmp_path / ("f" * 64)  # named like a blob, so the offline check hashes it and finds a mismatch
+    victim.write_bytes(b"precious")
+    link = tmp_path / "hf" / "hub" / "models--evil--repo" / "snapshots" / ("1" * 40) / "w.safetensors"
+    link.unlink()
+    link.symlink_to(victim)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = run(EVIL)
+    assert res.exit_code == 1 and "outside" in res.stderr and "Traceback" not in res.output
+    assert victim.read_bytes() == b"precious" and link.is_symlink()
+
+
+def test_revision_that_climbs_out_is_refused(hub: FakeHub):
+    res = run("t2v-14b", "--revision", "../../../x")
+    assert res.exit_code == 2 and "not a valid branch, tag or commit" in res.stderr

@@ -3,7 +3,8 @@
 Wan2.1's image2video.py: the image as a tensor in [-1, 1]; CLIP gets it bicubic-resized to 224x224, mapped to [0, 1]
 and normalized ONCE with the OpenAI mean/std, and Wan takes the hidden state after the penultimate ViT block; the VAE
 gets [bicubic resize to the area-rule size (NOT clamped), zeros for the other frames], and the mask marks frame 0
-four times. These tests run ``encode_image_clip`` / ``image_condition`` from runtime/pipeline.py on a tiny pack.
+four times. These tests run ``encode_image_clip`` / ``image_condition`` from runtime/pipeline.py on a tiny pack, the
+way runtime/session.py calls them (CLIP on an engine with the run plan's options, the VAE's resident weights).
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from wanpack.manifests.run_config import resolve_run_config
 from wanpack.runtime.models.vae import encode as vae_encode
 from wanpack.runtime.pack import PackComponent
 from wanpack.runtime.pipeline import RunRequest, check_request, encode_image_clip, image_condition
+from wanpack.runtime.run_plan import plan_run
+from wanpack.runtime.stream.engine import StreamEngine
 
 OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 FRAMES = 5
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +53,24 @@ def setup(tmp_path_factory):
     return root / "pack", cfg, checked, image
 
 
+def pipeline_clip(pack, checked) -> torch.Tensor:
+    """The CLIP features of the run's image, as the session makes them."""
+    plan = plan_run(pack, checked.manifest, checked.config, device=CPU, width=checked.width, height=checked.height,
+                    task=checked.task, batch=2)  # fmt: skip
+    with StreamEngine(PackComponent(pack, "clip", checked.manifest), plan.encoder_options("clip"), CPU) as eng:
+        return encode_image_clip(eng, checked.image)
+
+
+def pipeline_condition(pack, checked) -> torch.Tensor:
+    """The conditioning input y of the run's image, as the session makes it."""
+    comp = PackComponent(pack, "vae", checked.manifest)
+    vae_cfg = config_from_dict(comp.entry.config)
+    return image_condition(comp.load_resident(CPU), vae_cfg, checked.image, checked, checked.config, CPU, float("inf"))
+
+
 def test_clip_features_match_resize_normalize_once_penultimate_block(setup):
     pack, cfg, checked, image = setup
-    ours = encode_image_clip(pack, checked.image, cfg, torch.device("cpu"))
+    ours = pipeline_clip(pack, checked)
     clip_cfg = config_from_dict(read_manifest(pack).component("clip").config)
     weights = {k: v.float() for k, v in pack_tensors(pack, "clip").items()}
     pixels = F.interpolate(image[None], size=(224, 224), mode="bicubic", align_corners=False)
@@ -66,7 +85,7 @@ def test_clip_features_match_resize_normalize_once_penultimate_block(setup):
 
 def test_image_condition_matches_unclamped_bicubic_and_reference_mask(setup):
     pack, cfg, checked, image = setup
-    ours = image_condition(pack, checked.image, checked, cfg, torch.device("cpu"))
+    ours = pipeline_condition(pack, checked)
     # the area rule of image2video.py, written out
     area, aspect = 48 * 80, image.shape[1] / image.shape[2]
     lat_h = round(math.sqrt(area * aspect) // 8 // 2 * 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -50,7 +51,8 @@ def test_t2v_writes_decodable_mp4_and_sidecar(packs, tmp_path):
     assert side["seed"] == 5 and side["config"]["steps"] == 3
     assert side["synthetic_weights"] is True  # converted from a `wanpack synth` checkpoint: random weights
     assert {"text", "denoise", "decode", "write"} <= set(side["timings_s"])
-    assert len(side["manifest_sha256"]) == 64
+    assert side["manifest_sha256"] == hashlib.sha256((packs["t2v"] / "manifest.json").read_bytes()).hexdigest()
+    assert side["backends"]["attention"] == "sdpa" and side["backends"]["attention_ran"] == "sdpa"  # CPU runs fp32
 
 
 def test_same_seed_same_video_latents(packs, tmp_path):
@@ -74,7 +76,8 @@ def test_i2v_uses_image_aspect_and_records_the_size_made(packs, tmp_path):
     assert result.exit_code == 0, result.output
     assert read_video_info(video)[:3] == (5, 32, 64)  # 3:5 image at the area of 48 x 64 (the reference's rule)
     side = json.loads(video.with_suffix(".json").read_text())
-    assert (side["height"], side["width"]) == (32, 64) and (side["config"]["height"], side["config"]["width"]) == (48, 64)
+    assert side["size"] == {"height": 32, "width": 64, "frames": 5}  # what was made...
+    assert (side["config"]["height"], side["config"]["width"]) == (48, 64)  # ...and what was asked
     assert "64x32 (asked 64x48" in result.output
 
 
@@ -89,6 +92,18 @@ def test_demo_runs_with_no_pack(tmp_path, monkeypatch):
 
 
 TINY_RUN = ["--frames", 5, "--height", 32, "--width", 32, "--steps", 1]  # fast to run, should it get that far
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height RGB pixels but carries almost no data (what a decoder would allocate for)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _fails_fast(result, *fragments: str, started: float) -> None:
@@ -110,6 +125,8 @@ def _fails_fast(result, *fragments: str, started: float) -> None:
         ("wrong model type", ["--pack", "t2v", "--prompt", "x", "--preset", "i2v-14b-480p"], ["i2v"]),
         ("image for t2v", ["--pack", "t2v", "--prompt", "x", "--image", "image"], ["no --image"]),
         ("unreadable image", ["--pack", "i2v", "--prompt", "x", "--image", "bad"], ["not a readable image"]),
+        ("121 Mpx image of 60 bytes", ["--pack", "i2v", "--prompt", "x", "--image", "huge"], ["121 Mpx", "downscale"]),
+        ("decompression bomb", ["--pack", "i2v", "--prompt", "x", "--image", "bomb"], ["decompression bomb"]),
         ("output folder missing", ["--pack", "t2v", "--prompt", "x", "--out", "/nonexistent/dir/v.mp4"], ["does not exist"]),
         ("not a pack", ["--pack", "/tmp", "--prompt", "x"], ["no manifest"]),
         ("unknown config key", ["--pack", "t2v", "--prompt", "x", "--config", "cfg"], ["infer_stepz", "infer_steps"]),
@@ -126,9 +143,12 @@ def _fails_fast(result, *fragments: str, started: float) -> None:
 )  # fmt: skip
 def test_bad_input_is_refused_before_heavy_work(packs, tmp_path, case, args, fragments):
     (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "huge.png").write_bytes(_png_header(11000, 11000))
+    (tmp_path / "bomb.png").write_bytes(_png_header(30000, 30000))
     (tmp_path / "cfg.json").write_text(json.dumps({"infer_stepz": 4}))
     subst = {"i2v": packs["i2v"], "t2v": packs["t2v"], "image": packs["image"], "bad": tmp_path / "bad.png",
-             "cfg": tmp_path / "cfg.json", "nowhere": tmp_path / "missing.pth"}  # fmt: skip
+             "cfg": tmp_path / "cfg.json", "huge": tmp_path / "huge.png", "bomb": tmp_path / "bomb.png",
+             "nowhere": tmp_path / "missing.pth"}  # fmt: skip
     argv = ["run", *[subst.get(a, a) if isinstance(a, str) else a for a in args]]
     if "--out" not in args:
         argv += ["--out", tmp_path / "v.mp4"]

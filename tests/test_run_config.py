@@ -43,10 +43,10 @@ def test_every_preset_loads_validates_and_builds_its_scheduler():
 @pytest.mark.parametrize(
     "name,expect",
     [
-        ("i2v-14b-480p", {"task": "i2v", "steps": 40, "shift": 3.0, "height": 480, "width": 832, "vae_tiling": True,
-                          "lazy_load": True, "offload_granularity": "phase", "clip_quant": ("int8", "fp8")}),
-        ("i2v-14b-720p", {"task": "i2v", "steps": 40, "shift": 5.0, "height": 720, "width": 1280, "vae_tiling": True}),
-        ("t2v-1.3b", {"arch": "wan2.1-t2v-1.3b", "steps": 50, "t5_cpu_offload": True, "cpu_offload": False}),
+        ("i2v-14b-480p", {"task": "i2v", "steps": 40, "shift": 3.0, "height": 480, "width": 832,
+                          "clip_quant": ("int8", "fp8")}),
+        ("i2v-14b-720p", {"task": "i2v", "steps": 40, "shift": 5.0, "height": 720, "width": 1280}),
+        ("t2v-1.3b", {"arch": "wan2.1-t2v-1.3b", "steps": 50}),
         ("t2v-14b-720p", {"height": 720, "width": 1280, "steps": 50, "shift": 5.0}),
         ("distill-4step", {"sampler": "distill", "steps": 4, "enable_cfg": False,
                            "denoising_step_list": (1000, 750, 500, 250), "shift": 5.0}),
@@ -55,6 +55,7 @@ def test_every_preset_loads_validates_and_builds_its_scheduler():
 def test_preset_values(name, expect):
     cfg = resolve_run_config(name)
     assert {k: getattr(cfg, k) for k in expect} == expect
+    assert cfg.explicit_offload() == {}  # presets describe the model and sampling; the planner decides the offload
     if name == "distill-4step":
         assert not cfg.cfg_active
 
@@ -88,7 +89,14 @@ def test_old_lightx2v_names_and_every_alias_targets_a_field():
 def test_merge_order_defaults_preset_config_overrides():
     cfg = resolve_run_config("i2v-14b-480p", {"steps": 30, "seed": 7}, {"steps": 20, "shift": None, "fps": 24})
     assert (cfg.steps, cfg.seed, cfg.fps, cfg.shift) == (20, 7, 24, 3.0)  # None overrides are "not given"
-    assert cfg.task == "i2v" and cfg.lazy_load
+    assert cfg.task == "i2v" and cfg.lazy_load is None  # not set by anyone: the planner's call
+
+
+def test_offload_settings_set_anywhere_are_explicit():
+    cfg = resolve_run_config("distill-4step", {"lazy_load": True}, {"offload_granularity": "phase", "read_mode": "direct"})
+    assert cfg.explicit_offload() == {"lazy_load": True, "offload_granularity": "phase", "read_mode": "direct"}
+    with pytest.raises(UsageError, match="read_mode 'mmap' is not one of cached, direct"):
+        resolve_run_config(config={"read_mode": "mmap"})
 
 
 def test_distill_implies_its_step_count_over_a_base_preset():

@@ -1,5 +1,6 @@
-"""Compile every Triton kernel for an H100 (sm90) on this CPU-only machine: catches what the interpreter cannot
-(type errors in lowering, Hopper wgmma use, shared memory over the 227 KiB limit, lost software pipelining)."""
+"""Compile every Triton kernel for an H100 (sm90), and the attention kernel for an RTX 4090 / L40 (sm89) too, on this
+CPU-only machine: catches what the interpreter cannot (type errors in lowering, Hopper wgmma use, shared memory over
+the 227 KiB limit, lost software pipelining)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ SM90 = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 227 * 1024
 
 
-def compile_sm90(fn, sig: dict[str, str], const: dict, **opts):
-    # what the JIT specializes at launch: 16-byte aligned pointers, strides divisible by 16
+def compile_sm90(fn, sig: dict[str, str], const: dict, target: GPUTarget = SM90, **opts):
+    # what the JIT specializes at launch: 16-byte aligned pointers, strides and padded lengths divisible by 16
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
-             if t.startswith("*") or n.startswith("stride")}  # fmt: skip
+             if t.startswith("*") or n.startswith("stride") or n.endswith("_PAD")}  # fmt: skip
     src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const,
                                     attrs=attrs)  # fmt: skip
-    return triton.compile(src, target=SM90, options=opts)
+    return triton.compile(src, target=target, options=opts)
 
 
 GEMM_SIG = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*bf16", "as_ptr": "*fp32", "bs_ptr": "*fp32", "bias_ptr": "*bf16",
@@ -82,3 +83,82 @@ def test_layer_norm_compiles(modulate, quant):
     assert_one_division_per_row(kernel.asm["ptx"])  # the LayerNorm's own divisions are per row too
     if quant == "fp8":
         assert "cvt.rn.satfinite.e4m3x2.f32" in kernel.asm["ptx"]  # hardware e4m3 conversion, as in quantize_rows
+
+
+# ------------------------------------------------------------------------------------------------ sage attention
+
+SM89 = GPUTarget("cuda", 89, 32)
+SM89_SMEM_LIMIT = 99 * 1024
+
+
+def sage_sig(pv_fp8: bool) -> dict[str, str]:
+    return {"q_ptr": "*i8", "qs_ptr": "*fp32", "k_ptr": "*i8", "ks_ptr": "*fp32",
+            "v_ptr": "*fp8e4nv" if pv_fp8 else "*bf16", "vs_ptr": "*fp32", "vm_ptr": "*fp32", "o_ptr": "*bf16",
+            "H": "i32", "Lq": "i32", "Lk": "i32", "LQ_PAD": "i32", "LK_PAD": "i32", "stride_vb": "i32",
+            "stride_vl": "i32", "stride_vh": "i32", "stride_ob": "i32", "stride_ol": "i32", "stride_oh": "i32",
+            "LQ_BUCKET": "i32", "LK_BUCKET": "i32"}  # fmt: skip
+
+
+def compile_sage(config, pv_fp8: bool, target: GPUTarget = SM90, head_dim: int = 128):
+    from wanpack.runtime.ops import sage_attention as sa
+
+    const = {"D": head_dim, "K_GROUP": sa.K_GROUP, "PV_FP8": pv_fp8, **config.kwargs}
+    return compile_sm90(sa._sage_attn_kernel, sage_sig(pv_fp8), const, target, num_warps=config.num_warps,
+                        num_stages=config.num_stages)  # fmt: skip
+
+
+def _sage_configs():
+    from wanpack.runtime.ops import sage_attention as sa
+
+    return sa._ATTN_CONFIGS
+
+
+@pytest.mark.parametrize("config", _sage_configs(), ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}"
+                         f"w{c.num_warps}s{c.num_stages}")  # fmt: skip
+def test_sage_attention_fp8_compiles_to_pipelined_wgmma(config):
+    """Every autotuned config on sm90: int8 Q.K^T and fp8 P.V both on wgmma, K and V tiles multi-buffered (the key
+    loop is software-pipelined), no int->float conversion instruction (the exact bit trick replaces it)."""
+    kernel = compile_sage(config, pv_fp8=True)
+    ptx = kernel.asm["ptx"]
+    assert ".s32.s8.s8" in ptx and ".f32.e4m3.e4m3" in ptx and "wgmma.mma_async" in ptx
+    assert "cvt.rn.f32.s32" not in ptx
+    kv_tile = 2 * config.kwargs["BLOCK_N"] * 128  # one int8 K tile + one e4m3 V tile
+    assert 2 * kv_tile <= kernel.metadata.shared <= SMEM_LIMIT
+
+
+@pytest.mark.parametrize(("pv_fp8", "target", "at"), [(False, SM90, 0), (True, SM89, 0), (False, SM89, 0),
+                                                       (True, SM89, 4)], ids=["pv16-sm90", "fp8-sm89", "pv16-sm89",
+                                                                              "fp8-sm89-64x64"])  # fmt: skip
+def test_sage_attention_other_paths_compile(pv_fp8, target, at):
+    """The 16-bit P.V path on sm90 (wgmma) and both paths on sm89 (mma.sync, e4m3 for fp8), within sm89's shared
+    memory for the configs named here (the autotuner skips those that are not)."""
+    kernel = compile_sage(_sage_configs()[at], pv_fp8, target)
+    ptx = kernel.asm["ptx"]
+    mma = "wgmma.mma_async" if target is SM90 else "mma.sync.aligned"
+    assert mma in ptx and ".s8.s8" in ptx and (".e4m3.e4m3" in ptx) == pv_fp8
+    assert kernel.metadata.shared <= (SMEM_LIMIT if target is SM90 else SM89_SMEM_LIMIT)
+
+
+def test_sage_attention_head_dim_64_compiles():
+    kernel = compile_sage(_sage_configs()[0], pv_fp8=True, head_dim=64)
+    assert ".e4m3.e4m3" in kernel.asm["ptx"]
+
+
+@pytest.mark.parametrize("per_row", [True, False], ids=["q-per-token", "k-per-group"])
+def test_sage_int8_prepass_compiles(per_row):
+    from wanpack.runtime.ops import sage_attention as sa
+
+    sig = {"x_ptr": "*bf16", "mean_ptr": "*fp32", "out_ptr": "*i8", "scale_ptr": "*fp32", "L": "i32", "H": "i32",
+           "L_PAD": "i32", "stride_b": "i32", "stride_l": "i32", "stride_h": "i32", "extra_scale": "fp32"}  # fmt: skip
+    const = {"D": 128, "ROWS": sa.K_GROUP, "PER_ROW": per_row, "SMOOTH": not per_row}
+    kernel = compile_sm90(sa._quant_int8_kernel, sig, const, num_warps=4)
+    assert kernel.metadata.shared <= SMEM_LIMIT
+
+
+def test_sage_v_prepass_compiles_to_hardware_e4m3():
+    from wanpack.runtime.ops import sage_attention as sa
+
+    sig = {"v_ptr": "*bf16", "mean_ptr": "*fp32", "inv_ptr": "*fp32", "out_ptr": "*fp8e4nv", "L": "i32", "H": "i32",
+           "L_PAD": "i32", "stride_b": "i32", "stride_l": "i32", "stride_h": "i32"}  # fmt: skip
+    kernel = compile_sm90(sa._quant_v_fp8_kernel, sig, {"D": 128, "ROWS": sa.K_GROUP}, num_warps=4)
+    assert "cvt.rn.satfinite.e4m3x2.f32" in kernel.asm["ptx"]

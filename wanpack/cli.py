@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 
 from wanpack import __version__
-from wanpack.commands import bench, convert, download, inspect, plan, run, synth, verify
+from wanpack.commands import bench, convert, download, inspect, plan, run, serve, synth, verify
 
 app = typer.Typer(
     name="wanpack",
@@ -32,7 +32,7 @@ def _root(
     """wanpack: Wan2.1 packs for small GPUs."""
 
 
-for _module in (download, synth, convert, inspect, verify, plan, run, bench):
+for _module in (download, synth, convert, inspect, verify, plan, run, serve, bench):
     _module.register(app)
 
 

@@ -32,5 +32,9 @@ class PackFormatError(WanpackError):
     """A pack's manifest or shard breaks the pack format (docs/FORMAT.md)."""
 
 
+class PackBusyError(WanpackError):
+    """Another wanpack process is writing the same pack (a second conversion to the same --out)."""
+
+
 class NoSpaceError(WanpackError):
     """Not enough free disk space to finish."""

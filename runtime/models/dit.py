@@ -236,10 +236,11 @@ def self_attn_phase(w: Weights, x: torch.Tensor, e0: torch.Tensor, rope: tuple[t
         xn = _modulated_norm_for(w, ("self_attn.k", "self_attn.v"), x[:, s], shift, scale, cfg.eps, opts)
         k[:, s] = _qk_norm(_lin(w, "self_attn.k", xn), w["self_attn.norm_k.weight"], cfg, opts, (cos[s], sin[s]))
         v[:, s] = _lin(w, "self_attn.v", xn).unflatten(-1, (heads, hd))
+    prepared = {}  # K/V as a quantizing attention backend preprocesses them: once for all query chunks
     for s in _chunks(n, opts.chunk_tokens):
         xn = _modulated_norm_for(w, ("self_attn.q",), x[:, s], shift, scale, cfg.eps, opts)
         q = _qk_norm(_lin(w, "self_attn.q", xn), w["self_attn.norm_q.weight"], cfg, opts, (cos[s], sin[s]))
-        o = attention(q, k, v).flatten(2)
+        o = attention(q, k, v, prepared).flatten(2)
         _add_residual(x[:, s], _lin(w, "self_attn.o", o), gate)
     return mod
 

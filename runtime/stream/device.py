@@ -19,7 +19,7 @@ from wanpack.runtime.stream.host import DoneEvent
 class DeviceTier:
     """K slots of ``slot_bytes`` on ``device`` and the events that gate their reuse."""
 
-    def __init__(self, device: torch.device, slots: int, slot_bytes: int, timeline: bool = False):
+    def __init__(self, device: torch.device, slots: int, slot_bytes: int, timeline: bool = False, pace_units: int = 2):
         self.device = device
         self.cuda = device.type == "cuda"
         self.timeline = timeline
@@ -34,6 +34,9 @@ class DeviceTier:
             self.copy_stream = None
             self.ready = [DoneEvent() for _ in range(slots)]
             self.free = [DoneEvent() for _ in range(slots)]
+        # CPU pacing: one blocking event per unit of lead; the CPU waits (asleep) for unit t - pace_units to finish
+        self.paced = [torch.cuda.Event(blocking=True) for _ in range(pace_units)] if self.cuda and pace_units else []
+        self._pace_recorded = [False] * len(self.paced)
         self.events: list[tuple[str, int, object, object]] = []  # (kind, unit, start, end) for the timeline
         self.bytes_copied = 0
 
@@ -81,10 +84,26 @@ class DeviceTier:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
 
-    def release(self, slot: int) -> None:
+    def pace(self, pos: int) -> None:
+        """Before queueing position ``pos``, sleep until position ``pos - pace_units`` has run on the GPU.
+
+        Without this the CPU races ahead until the driver's launch queue is full and then spins there: a whole core
+        burnt for the length of the run. The GPU still has ``pace_units`` units of work queued, so it never idles.
+        """
+        if self.paced:
+            i = pos % len(self.paced)
+            if self._pace_recorded[i]:
+                self.paced[i].synchronize()
+
+    def release(self, slot: int, pos: int | None = None) -> None:
         """Mark the slot free once the work queued so far on the compute stream has run."""
         if self.cuda:
-            self.free[slot].record(torch.cuda.current_stream(self.device))
+            stream = torch.cuda.current_stream(self.device)
+            self.free[slot].record(stream)
+            if self.paced and pos is not None:
+                i = pos % len(self.paced)
+                self.paced[i].record(stream)
+                self._pace_recorded[i] = True
 
     @contextlib.contextmanager
     def compute_span(self, unit: int):

@@ -14,6 +14,15 @@ Reads run up to ``prefetch + host_slots`` positions ahead, copies up to ``prefet
 as soon as its copy is queued; the worker that refills it first waits for that copy's event, so host bytes are never
 overwritten early and the main thread never waits for the GPU. With K slots = U units (granularity ``model``) every
 unit stays in its own slot after the first pass and later forwards copy nothing.
+
+Three things keep a whole run (not just one forward) at the speed of its GPU work:
+  * ``prefetch_cache()`` queues the reads of every unit the host cache will hold, at a low priority, as soon as the
+    engine exists: the DiT's first step is read from disk while the text encoder runs. Cache buffers are allocated
+    and pinned by the worker that fills them, never on the thread that launches kernels.
+  * Several engines may share one :class:`DiskReader` (``reader=``): its priority queue lets the encoder that is
+    needed now read ahead of blocks wanted later.
+  * The CPU runs at most ``PACE_UNITS`` units ahead of the GPU, waiting on blocking events (the thread sleeps instead
+    of spinning in a full launch queue), so a run costs a fraction of a core while the GPU is busy.
 """
 
 from __future__ import annotations
@@ -31,17 +40,19 @@ from wanpack.runtime.ops.devices import concrete_device
 from wanpack.runtime.pack import PackComponent, Unit, WeightViews, views
 from wanpack.runtime.stream.device import DeviceTier
 from wanpack.runtime.stream.graphs import GraphRunner
-from wanpack.runtime.stream.host import HostTier
+from wanpack.runtime.stream.host import HostTier, ShardMaps
 from wanpack.runtime.stream.reader import (
     ChecksumError,
     DiskReader,
     ReadRequest,
     ShardFile,
+    ShardReadError,
     open_shard,
     sha256_file,
 )
 
 ABANDON_WAIT_S = 10.0  # how long a stopped forward waits for in-flight reads before closing the engine
+PACE_UNITS = 2  # how many units' compute the CPU may queue ahead of the GPU
 MAX_INLINE_PREFIX = 64 << 20  # shard bytes before a unit that we are willing to hash again for in-stream verification
 
 
@@ -62,12 +73,16 @@ class StreamOptions:
     timeline: bool = False
     graph: bool = False  # capture/replay each unit's compute in CUDA graphs (static shapes only)
     read_delay_s: float = 0.0  # tests: a deliberately slow disk
+    priority: int = 0  # read priority on a shared DiskReader (lower reads first); cache prefetch uses priority + 1
+    mapped: bool = False  # host bytes are read-only mappings of the page cache (no ring, no cache buffers, no copies)
+    pin_mapped: bool = True  # page-lock mapped units for DMA; off: copies come from pageable memory (read-once units)
 
 
 class StreamEngine:
     """Streams one pack component's blocks through host and device tiers; see the module docstring."""
 
-    def __init__(self, pack: PackComponent, options: StreamOptions, device: torch.device | str = "cpu"):
+    def __init__(self, pack: PackComponent, options: StreamOptions, device: torch.device | str = "cpu",
+                 reader: DiskReader | None = None, resident_skip: tuple[str, ...] = ()):  # fmt: skip
         self.pack = pack
         self.opt = options
         self.device = concrete_device(device)
@@ -84,7 +99,9 @@ class StreamEngine:
         cuda = self.device.type == "cuda"
         self._closed = False
         self.files: dict[str, ShardFile] = {}
-        self.reader: DiskReader | None = None
+        self.reader: DiskReader | None = reader
+        self._owns_reader = reader is None
+        self._requests: list[ReadRequest] = []  # this engine's reads not yet known to be complete
         self.host: HostTier | None = None
         self.dev: DeviceTier | None = None
         self.graphs = GraphRunner(self.device) if options.graph else None
@@ -94,23 +111,31 @@ class StreamEngine:
         self._epoch = 0  # first position since the last restart (copies before it may not have happened)
         self._host: dict[int, tuple[torch.Tensor | None, ReadRequest | None, object]] = {}
         self._cache_reqs: dict[int, ReadRequest] = {}
+        self._ready: dict[int, torch.Tensor] = {}  # mapped mode: units whose range is faulted in (and pinned)
+        self.maps: ShardMaps | None = None
         self._views: dict[tuple[int, int], WeightViews] = {}
         self._statics: dict[tuple, torch.Tensor] = {}
         self.current_slot = -1
         self.forwards = 0
         self.bytes_requested = 0  # disk bytes asked of the workers (counted at submit: deterministic)
         try:
-            self.resident = pack.load_resident(self.device)
+            self.resident = pack.load_resident(self.device, skip=resident_skip)
+            if options.mapped:
+                self.maps = ShardMaps(pin=cuda and options.pin_mapped)
             for shard in sorted({u.shard for u in self.units}):
-                self.files[shard] = open_shard(pack.path(shard), pack.entry.shard(shard).size, options.direct_io)
+                sf = open_shard(pack.path(shard), pack.entry.shard(shard).size, options.direct_io and not options.mapped)
+                self.files[shard] = sf
+                if self.maps is not None and sf.size:
+                    sf.map_base = self.maps.base(sf.path, sf.fd, sf.size)
             self._verify_inline = self._prepare_verification() if options.verify else {}
             slot_bytes = max(u.length for u in self.units)
             cache = {i: self.units[i].length for i in options.cache_units if 0 <= i < n}
-            self.reader = DiskReader(options.disk_workers, options.chunk_bytes, options.read_delay_s)
-            event = torch.cuda.Event if cuda else None
+            if self.reader is None:
+                self.reader = DiskReader(options.disk_workers, options.chunk_bytes, options.read_delay_s)
+            event = _blocking_event if cuda else None
             self.host = HostTier(options.host_slots, slot_bytes, pin=cuda, cache_units=cache,
                                  **({"event_factory": event} if event else {}))  # fmt: skip
-            self.dev = DeviceTier(self.device, k, slot_bytes, timeline=options.timeline)
+            self.dev = DeviceTier(self.device, k, slot_bytes, timeline=options.timeline, pace_units=PACE_UNITS)
         except BaseException:
             self.close()
             raise
@@ -128,10 +153,11 @@ class StreamEngine:
                 slot = pos % self.k
                 self._fill(pos)
                 self.dev.wait_ready(slot)
+                self.dev.pace(pos)
                 self.current_slot = slot
                 with self.dev.compute_span(unit.index):
                     yield unit, self._weights(slot, unit)
-                self.dev.release(slot)
+                self.dev.release(slot, pos)
                 self._t += 1
             done = True
             self.forwards += 1
@@ -178,6 +204,24 @@ class StreamEngine:
         buf.copy_(t)
         return buf
 
+    def prefetch_cache(self) -> int:
+        """Queue the reads of every unit the host cache will hold (and the first ring positions), lowest priority
+        first in schedule order; returns the bytes queued. Call right after construction to overlap the first
+        forward's reads with whatever runs before it (the encoders)."""
+        self._check_open()
+        before = self.bytes_requested
+        self._arrange_ahead(self._t)
+        for index in sorted(self.host.cache_plan):
+            if index not in self.host.cached_ready and index not in self._cache_reqs:
+                unit = self.units[index]
+                self._cache_reqs[index] = self._submit(unit, None, None, self.opt.priority + 1,
+                                                       make_dest=lambda i=index: self.host.cache_buffer(i))  # fmt: skip
+        if self.maps is not None:
+            for unit in self.units:
+                if unit.index not in self._ready and unit.index not in self._cache_reqs:
+                    self._map(unit, self.opt.priority + 1)
+        return self.bytes_requested - before
+
     def stats(self) -> dict:
         return {
             "granularity": self.opt.granularity, "units": len(self.units), "device_slots": self.k,
@@ -185,8 +229,10 @@ class StreamEngine:
             "cached_units": sorted(self.host.cache_plan) if self.host else [],
             "disk_bytes": self.reader.bytes_read if self.reader else 0, "requested_bytes": self.bytes_requested,
             "h2d_bytes": self.dev.bytes_copied if self.dev else 0,
-            "pinned_bytes": self.host.pinned_bytes if self.host else 0,
+            "pinned_bytes": (self.host.pinned_bytes if self.host else 0) + (self.maps.registered_bytes if self.maps else 0),
+            "mapped": self.maps is not None, "map_pin_error": self.maps.register_error if self.maps else None,
             "direct_io": {s: f.direct for s, f in self.files.items()},
+            "read_mode": sorted({f.mode for f in self.files.values()}),
             "graph_replays": self.graphs.replays if self.graphs else 0,
             "graph_captures": self.graphs.captures if self.graphs else 0,
         }  # fmt: skip
@@ -200,13 +246,21 @@ class StreamEngine:
             return
         self._closed = True
         if self.reader is not None:
-            self.reader.close()
+            if self._owns_reader:
+                self.reader.close()
+            else:  # a shared reader keeps running: skip our queued chunks (their buffers stay referenced until done)
+                for req in self._requests:
+                    if not req.done.is_set():
+                        req._fail(ShardReadError(f"{req.what}: read cancelled, the stream closed"))
         if self.dev is not None:
             self.dev.close()
             if self.dev.cuda:
                 torch.cuda.current_stream(self.device).synchronize()
         if self.host is not None:
             self.host.close()
+        if self.maps is not None:
+            self.maps.close()
+        self._ready.clear()
         for f in self.files.values():
             os.close(f.fd)
         self.files.clear()
@@ -251,29 +305,44 @@ class StreamEngine:
             self._host[pos] = (None, None, None)  # already in its slot, or copied there by position pos - k
         elif unit.index in self.host.cached_ready:
             self._host[pos] = (self.host.cache[unit.index][0], None, None)
+        elif unit.index in self._ready:
+            self._host[pos] = (self._ready[unit.index], None, None)
         elif unit.index in self._cache_reqs:
-            req = self._cache_reqs[unit.index]
-            self._host[pos] = (req.dest, req, None)
+            self._host[pos] = (None, self._cache_reqs[unit.index], None)  # the buffer is the request's (made lazily)
         elif unit.index in self.host.cache_plan:
-            buf = self.host.cache_buffer(unit.index)
-            req = self._submit(unit, buf, None)
+            req = self._submit(unit, None, None, self.opt.priority,
+                               make_dest=lambda i=unit.index: self.host.cache_buffer(i))  # fmt: skip
             self._cache_reqs[unit.index] = req
-            self._host[pos] = (buf, req, None)
+            self._host[pos] = (None, req, None)
+        elif self.maps is not None:
+            self._host[pos] = (None, self._map(unit, self.opt.priority), None)
         else:
             ring = self.host.take_slot()
             if ring is None:
                 return False
             ring.unit = pos
-            req = self._submit(unit, ring.buf, ring.event)
+            req = self._submit(unit, ring.buf, ring.event, self.opt.priority)
             self._host[pos] = (ring.buf, req, ring)
         return True
 
-    def _submit(self, unit: Unit, buf: torch.Tensor, pre_event) -> ReadRequest:
+    def _map(self, unit: Unit, priority: int) -> ReadRequest:
+        """Mapped mode: fault the unit's pages in (workers) and pin them where they are (the completing worker)."""
+        sf = self.files[unit.shard]
+        view = self.maps.view(sf.path, unit.offset, unit.length)
+        req = self._submit(unit, view, None, priority, populate=True, finish=lambda: self.maps.register(view))
+        self._cache_reqs[unit.index] = req
+        return req
+
+    def _submit(self, unit: Unit, buf: torch.Tensor | None, pre_event, priority: int, make_dest=None,
+                populate: bool = False, finish=None) -> ReadRequest:  # fmt: skip
         sf = self.files[unit.shard]
         expected = max(0, min(unit.length, sf.size - unit.offset))
         verify = self._verify_inline.pop(unit.index, None)
-        req = ReadRequest(sf, unit.offset, buf, expected, unit.name, pre_event=pre_event, verify=verify)
+        req = ReadRequest(sf, unit.offset, buf, expected, unit.name, pre_event=pre_event, verify=verify,
+                          priority=priority, make_dest=make_dest, populate=populate, finish=finish)  # fmt: skip
         self.bytes_requested += expected
+        self._requests = [r for r in self._requests if not r.done.is_set()]
+        self._requests.append(req)
         return self.reader.submit(req)
 
     def _copy(self, pos: int, block: bool) -> bool:
@@ -285,13 +354,19 @@ class StreamEngine:
             if not req.done.is_set() and not block:
                 return False
             req.wait(self.opt.read_timeout_s, self.reader.alive)
+            if buf is None:
+                buf = req.dest
         if buf is not None:
-            self.dev.copy_in(slot, buf, unit.length, unit.index, host_event=ring.event if ring is not None else None)
+            self.dev.copy_in(slot, buf, min(unit.length, buf.numel()), unit.index,
+                             host_event=ring.event if ring is not None else None)  # fmt: skip
         if ring is not None:
             self.host.give_back(ring)
         elif req is not None and self._cache_reqs.get(unit.index) is req:
             del self._cache_reqs[unit.index]
-            self.host.cached_ready.add(unit.index)
+            if req.populate:
+                self._ready[unit.index] = req.dest
+            else:
+                self.host.cached_ready.add(unit.index)
         del self._host[pos]
         return True
 
@@ -339,6 +414,11 @@ class StreamEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise UsageError("this stream engine is closed - open a new one")
+
+
+def _blocking_event():
+    """A CUDA event whose synchronize() puts the waiting thread to sleep instead of spinning a core."""
+    return torch.cuda.Event(blocking=True)
 
 
 def _sig(t: torch.Tensor) -> tuple:

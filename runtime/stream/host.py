@@ -1,4 +1,5 @@
-"""Host tier: a fixed ring of (pinned) slots for units streamed from disk, plus an optional cache bounded by RAM.
+"""Host tier: a fixed ring of (pinned) slots for units streamed from disk, plus an optional cache bounded by RAM;
+or, in mapped mode, the page cache itself (:class:`ShardMaps`).
 
 Pinned memory is taken with cudaHostRegister on our own 4096-aligned allocations rather than torch's pinned caching
 allocator, which rounds every request up to a power of two (a 700 MB block would lock 1 GiB) and keeps freed blocks
@@ -9,7 +10,11 @@ of it (also on Ctrl-C). On the CPU path nothing is pinned and events are plain c
 from __future__ import annotations
 
 import collections
+import ctypes
+import mmap
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -35,7 +40,7 @@ def host_alloc(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
     if not pin:
         return buf, False
     cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+    err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), 1)  # portable: pinned for every context, any thread
     return buf, int(err) == 0  # registered: the driver copies from it asynchronously, like any pinned memory
 
 
@@ -69,6 +74,8 @@ class HostTier:
         self.cached_ready: set[int] = set()
         self.ring_slots = ring_slots
         self.slot_bytes = slot_bytes
+        self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def pinned_bytes(self) -> int:
@@ -95,15 +102,21 @@ class HostTier:
         return len(self._free) + self.ring_slots - len(self.slots)
 
     def cache_buffer(self, unit: int) -> torch.Tensor | None:
-        """The cache buffer for a planned unit (allocated on first use), or None when the unit is not cached."""
+        """The cache buffer for a planned unit (allocated and pinned on first use, by whichever thread asks first:
+        usually the disk worker that fills it), or None when the unit is not cached."""
         if unit not in self.cache_plan:
             return None
-        if unit not in self.cache:
-            self.cache[unit] = host_alloc(self.cache_plan[unit], self.pin)
-        return self.cache[unit][0]
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("host tier closed while a read was still starting")
+            if unit not in self.cache:
+                self.cache[unit] = host_alloc(self.cache_plan[unit], self.pin)
+            return self.cache[unit][0]
 
     def close(self) -> None:
         """Unlock and drop every buffer (ring and cache)."""
+        with self._lock:
+            self._closed = True
         for s in self.slots:
             host_free(s.buf, s.pinned)
         for buf, pinned in self.cache.values():
@@ -112,3 +125,72 @@ class HostTier:
         self._free.clear()
         self.cache.clear()
         self.cached_ready.clear()
+
+
+CUDA_HOST_REGISTER_PORTABLE = 0x01
+CUDA_HOST_REGISTER_READ_ONLY = 0x08  # the device only reads it: allowed on read-only (file) mappings
+
+
+class ShardMaps:
+    """Read-only mappings of whole shards: a unit's host bytes are the page cache's own pages, never a copy.
+
+    Used when the planner reads through the page cache (RAM holds the pack). A unit's range is faulted in by the disk
+    workers (MADV_POPULATE_READ) and then page-locked in place with cudaHostRegister(READ_ONLY), so the GPU copies
+    straight out of the page cache at the link's full rate: no memcpy on the CPU, no second copy of the pack in RAM,
+    and the next run (or job) finds the same pages still cached. Where the driver refuses to lock file pages the
+    copies still work, from pageable memory and more slowly; ``register_error`` says why.
+    """
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._maps: dict[Path, tuple[mmap.mmap, int, int]] = {}  # path -> (mapping, address, size)
+        self._registered: list[int] = []
+        self.registered_bytes = 0
+        self.register_error: str | None = None
+        self._lock = threading.Lock()
+
+    def base(self, path: Path, fd: int, size: int) -> int:
+        """Map the shard (once) and return its address."""
+        with self._lock:
+            if path not in self._maps:
+                mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                self._maps[path] = (mm, _address(mm), size)
+            return self._maps[path][1]
+
+    def view(self, path: Path, offset: int, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor over bytes [offset, offset + nbytes) of a mapped shard (no copy)."""
+        _, addr, size = self._maps[path]
+        nbytes = max(0, min(nbytes, size - offset))
+        return torch.frombuffer((ctypes.c_uint8 * max(nbytes, 1)).from_address(addr + offset), dtype=torch.uint8)[:nbytes]
+
+    def register(self, view: torch.Tensor) -> None:
+        """Page-lock a mapped range for DMA (once per range); a refusal is remembered, not raised."""
+        if not self.pin or view.numel() == 0 or self.register_error is not None or view.data_ptr() in self._registered:
+            return
+        nbytes = (view.numel() + 4095) // 4096 * 4096
+        flags = CUDA_HOST_REGISTER_PORTABLE | CUDA_HOST_REGISTER_READ_ONLY
+        err = torch.cuda.cudart().cudaHostRegister(view.data_ptr(), nbytes, flags)
+        with self._lock:
+            if int(err) == 0:
+                self._registered.append(view.data_ptr())
+                self.registered_bytes += nbytes
+            else:
+                self.register_error = f"cudaHostRegister of a file mapping failed (error {int(err)})"
+
+    def close(self) -> None:
+        """Unlock every range and unmap (the engine has waited for its copies)."""
+        with self._lock:
+            for ptr in self._registered:
+                torch.cuda.cudart().cudaHostUnregister(ptr)
+            self._registered.clear()
+            self.registered_bytes = 0
+            for mm, _, _ in self._maps.values():
+                mm.close()
+            self._maps.clear()
+
+
+def _address(mm: mmap.mmap) -> int:
+    """Address of a read-only mapping (ctypes' from_buffer wants a writable buffer, numpy does not)."""
+    import numpy as np
+
+    return int(np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data)

@@ -119,7 +119,7 @@ def activation_bytes(cfg: dict, tokens: int, chunk: int, blocks: int) -> int:
 
 
 def detect_budgets() -> tuple[int | None, int | None]:
-    """(free VRAM on the current GPU or None, MemAvailable of this machine or None)."""
+    """(free VRAM on the current GPU or None, MemAvailable of this machine or None). Starts CUDA when there is a GPU."""
     vram = None
     try:
         import torch
@@ -128,15 +128,19 @@ def detect_budgets() -> tuple[int | None, int | None]:
             vram = int(torch.cuda.mem_get_info()[0])
     except Exception:  # noqa: BLE001 - no usable GPU means no VRAM default
         vram = None
-    ram = None
+    return vram, available_ram()
+
+
+def available_ram() -> int | None:
+    """MemAvailable of this machine in bytes, or None; touches no GPU (safe before CUDA's settings are applied)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    ram = int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024
     except OSError:
-        ram = None
-    return vram, ram
+        return None
+    return None
 
 
 def spread(n_total: int, n_pick: int) -> list[int]:
@@ -149,8 +153,13 @@ def spread(n_total: int, n_pick: int) -> list[int]:
 
 
 def plan(pack: PackComponent, *, vram_budget: int, ram_budget: int, width: int, height: int, frames: int,
-         granularity: str | None = None, disk_workers: int | None = None, cache: str = "auto") -> Plan:  # fmt: skip
-    """Choose the fastest plan that fits both budgets, or raise BudgetError with the minimum needed."""
+         granularity: str | None = None, disk_workers: int | None = None, cache: str = "auto",
+         allow_model: bool = True, chunk: int | None = None) -> Plan:  # fmt: skip
+    """Choose the fastest plan that fits both budgets, or raise BudgetError with the minimum needed.
+
+    ``granularity`` pins the unit (else the fastest that fits; ``allow_model=False`` keeps the DiT streamed),
+    ``chunk`` pins the activation chunk in tokens (else the largest that fits).
+    """
     cfg = pack.entry.config
     if cfg.get("kind") != "dit":
         raise UsageError(f"the planner models the DiT's activations, not {pack.name}'s - plan the dit component; "
@@ -164,9 +173,14 @@ def plan(pack: PackComponent, *, vram_budget: int, ram_budget: int, width: int, 
     candidates = [("model", n_blocks), ("block", 3), ("block", 2), ("phase", 4), ("phase", 3), ("phase", 2)]
     if granularity is not None:
         candidates = [c for c in candidates if c[0] == granularity]
+    elif not allow_model:
+        candidates = [c for c in candidates if c[0] != "model"]
     chunks = sorted({min(tokens, MAX_CHUNK)} | {c for c in (4096, 2048, MIN_CHUNK) if c < tokens}, reverse=True)
+    if chunk is not None:
+        chunks = [min(chunk, tokens)]
     best = None
-    for floor in (min(PREFERRED_CHUNK, tokens), MIN_CHUNK):  # first keep GEMMs efficient, then squeeze
+    first_floor = min(PREFERRED_CHUNK if chunk is None else chunk, tokens)
+    for floor in (first_floor, MIN_CHUNK):  # first keep GEMMs efficient, then squeeze
         for gran, k in candidates:
             unit = sizes["block" if gran == "model" else gran]
             for chunk in (c for c in chunks if c >= floor):
@@ -182,7 +196,7 @@ def plan(pack: PackComponent, *, vram_budget: int, ram_budget: int, width: int, 
     if best is None:
         gran, k = candidates[-1]
         unit = sizes["block" if gran == "model" else gran]
-        act = activation_bytes(cfg, tokens, MIN_CHUNK, n_blocks)
+        act = activation_bytes(cfg, tokens, min(MIN_CHUNK, *chunks), n_blocks)
         need = non_block + k * unit + int(act * (1 + FRAGMENTATION))
         raise BudgetError(f"{width}x{height}x{frames} needs at least {need / GiB:.2f} GiB of VRAM ({gran} "
                           f"granularity, {k} slots, {min(MIN_CHUNK, tokens)}-token chunks) but the budget is "

@@ -1,27 +1,36 @@
-"""Disk workers: aligned O_DIRECT positioned reads of unit byte ranges into host buffers.
+"""Disk workers: aligned positioned reads of unit byte ranges into host buffers, O_DIRECT or through the page cache.
 
 One file descriptor per shard, opened once and shared by every worker (pread needs no seek, so it is thread safe).
 A request (one unit into one buffer) is cut into aligned chunks that N worker threads read in parallel, which keeps
-several reads in flight on an NVMe drive. Where O_DIRECT is refused (tmpfs, some network filesystems) the shard is
-read buffered and each chunk is dropped from the page cache right after (posix_fadvise DONTNEED), so streaming
-14 GB per step does not evict everything else. Failures never kill a worker silently: they are stored on the request
-and raised in the thread that waits for it, naming the shard.
+several reads in flight on an NVMe drive. Two read modes, chosen per shard by the caller (the planner decides):
+  direct  O_DIRECT: the drive every time, nothing left in the page cache. For packs larger than the RAM budget, where
+          cached pages would only evict everything else. Where O_DIRECT is refused (tmpfs, some network filesystems)
+          the shard is read buffered and each chunk is dropped from the page cache right after (DONTNEED).
+  cached  buffered reads that leave the pages cached, so the next run (or the next job) reads RAM, not the drive.
+Requests carry a priority (lower first): the encoder that is needed now reads before the DiT blocks prefetched for
+later. Failures never kill a worker silently: they are stored on the request and raised in the thread that waits for
+it, naming the shard.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
+import itertools
 import os
 import queue
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from wanpack.errors import VerificationError, WanpackError
+from wanpack.manifests.pack_files import open_regular
 
 ALIGN = 4096
 DEFAULT_CHUNK = 16 << 20
@@ -35,26 +44,73 @@ class ChecksumError(VerificationError):
     """A shard's bytes do not hash to the manifest's sha256."""
 
 
+HUGE_PAGE = 2 << 20
+
+
 def aligned_empty(nbytes: int) -> torch.Tensor:
-    """A 1-D uint8 CPU tensor of ``nbytes`` whose first byte is 4096-aligned (O_DIRECT needs aligned buffers)."""
+    """A 1-D uint8 CPU tensor of ``nbytes`` whose first byte is 4096-aligned (O_DIRECT needs aligned buffers).
+
+    Buffers of a huge page or more are aligned to 2 MiB and advised as huge pages: a 14 GB host cache then costs
+    thousands of page faults (and pinning work) instead of millions.
+    """
     nbytes = max(ALIGN, (nbytes + ALIGN - 1) // ALIGN * ALIGN)
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-    skip = (-raw.data_ptr()) % ALIGN
-    return raw[skip : skip + nbytes]
+    align = HUGE_PAGE if nbytes >= HUGE_PAGE else ALIGN
+    raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % align
+    buf = raw[skip : skip + nbytes]
+    if align == HUGE_PAGE:
+        _advise_huge(buf.data_ptr(), nbytes // HUGE_PAGE * HUGE_PAGE)
+    return buf
+
+
+def _advise_huge(ptr: int, nbytes: int) -> None:
+    """madvise(MADV_HUGEPAGE) where the platform has it; silently nothing elsewhere (it is only a hint)."""
+    advise = getattr(_libc(), "madvise", None) if nbytes else None
+    if advise is not None:
+        advise(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), 14)  # MADV_HUGEPAGE
+
+
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None)
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
 
 
 @dataclass
 class ShardFile:
-    """An open shard: fd, whether it is read with O_DIRECT, and its real size."""
+    """An open shard: fd, whether it is read with O_DIRECT, its real size, and whether buffered reads keep pages."""
 
     path: Path
     fd: int
     direct: bool
     size: int
+    keep_cache: bool = False  # buffered by choice (read mode "cached"): leave the pages in the page cache
+    map_base: int = 0  # address of a read-only mapping of the whole shard (mapped mode), else 0
+
+    @property
+    def mode(self) -> str:
+        return "direct" if self.direct else ("cached" if self.keep_cache else "buffered-dropped")
+
+
+def _refuse_irregular(path: Path) -> None:
+    """A FIFO, device or folder named as a shard is refused before the real open, which for a FIFO would block
+    forever: probed with O_NONBLOCK + fstat (manifests/pack_files.py). PackComponent.path() already keeps the path
+    inside the pack."""
+    os.close(open_regular(path))
 
 
 def open_shard(path: Path, expected_size: int | None, direct: bool = True) -> ShardFile:
-    """Open for O_DIRECT when the filesystem allows it (probed with one aligned read), else buffered."""
+    """Open for O_DIRECT when asked and the filesystem allows it (probed with one aligned read), else buffered.
+
+    Buffered by choice (``direct=False``) keeps the page cache; buffered because O_DIRECT was refused drops it.
+    """
+    _refuse_irregular(path)
     flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
     fd = -1
     use_direct = direct and hasattr(os, "O_DIRECT")
@@ -82,23 +138,41 @@ def open_shard(path: Path, expected_size: int | None, direct: bool = True) -> Sh
         os.close(fd)
         raise ShardReadError(f"{path}: shard is {size} bytes but the manifest says {expected_size} - the file is "
                              "truncated or replaced; convert again")  # fmt: skip
-    return ShardFile(path, fd, use_direct, size)
+    return ShardFile(path, fd, use_direct, size, keep_cache=not direct)
 
 
 class ReadRequest:
     """One range of one shard into one buffer; completed (or failed) by whichever worker reads its last chunk."""
 
-    def __init__(self, shard: ShardFile, offset: int, dest: torch.Tensor, expected: int, what: str,
-                 pre_event=None, verify: tuple[bytes, str] | None = None):  # fmt: skip
-        self.shard, self.offset, self.dest, self.expected, self.what = shard, offset, dest, expected, what
+    def __init__(self, shard: ShardFile, offset: int, dest: torch.Tensor | None, expected: int, what: str,
+                 pre_event=None, verify: tuple[bytes, str] | None = None, priority: int = 0,
+                 make_dest: Callable[[], torch.Tensor] | None = None, populate: bool = False,
+                 finish: Callable[[], None] | None = None):  # fmt: skip
+        if dest is None and make_dest is None:
+            raise ValueError("a read needs a destination buffer or a way to make one")
+        self.shard, self.offset, self.expected, self.what = shard, offset, expected, what
+        self.populate = populate  # dest is a mapping of this very range: fault its pages in, copy nothing
+        self.finish = finish  # run by the worker that completes the request (e.g. pin the mapped range)
+        self._dest = dest
+        self._make_dest = make_dest  # allocate (and pin) in the first worker, off the thread that submits
         self.pre_event = pre_event  # host buffer's last H2D copy; must finish before we overwrite the buffer
         self.verify = verify  # (shard prefix bytes, expected sha256) when this read completes the shard
+        self.priority = priority
         self.done = threading.Event()
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._pending = 0
         self._got = 0
         self.started = self.finished = 0.0
+
+    @property
+    def dest(self) -> torch.Tensor:
+        """The buffer the bytes land in; made on first use when the request was given a factory."""
+        if self._dest is None:
+            with self._lock:
+                if self._dest is None:
+                    self._dest = self._make_dest()
+        return self._dest
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -115,6 +189,11 @@ class ReadRequest:
         if self.error is None and self._got != self.expected:
             self.error = ShardReadError(f"{self.shard.path}: short read of {self.what} ({self._got} of {self.expected}"
                                         " bytes) - the shard is truncated; convert the pack again")  # fmt: skip
+        if self.error is None and self.finish is not None:
+            try:
+                self.finish()
+            except BaseException as exc:  # noqa: BLE001 - raised in the waiting thread
+                self.error = exc
         if self.error is None and self.verify is not None:
             prefix, want = self.verify
             h = hashlib.sha256(prefix)
@@ -140,14 +219,19 @@ class ReadRequest:
 
 
 class DiskReader:
-    """N worker threads serving :class:`ReadRequest` chunks from one shared queue."""
+    """N worker threads serving :class:`ReadRequest` chunks from one shared priority queue (lower first, then FIFO).
+
+    One reader may serve several engines (the encoders and the DiT of one run share it), so the drive works on
+    whatever is needed soonest and never on two components' reads competing as equals.
+    """
 
     def __init__(self, workers: int = 4, chunk_bytes: int = DEFAULT_CHUNK, delay_s: float = 0.0):
         if workers < 1:
             raise ValueError("need at least one disk worker")
         self.chunk_bytes = max(ALIGN, chunk_bytes // ALIGN * ALIGN)
         self.delay_s = delay_s  # tests: a deliberately slow disk
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._work, name=f"wanpack-disk-{i}", daemon=True)
                          for i in range(workers)]  # fmt: skip
@@ -173,12 +257,13 @@ class DiskReader:
         req._pending = len(starts)
         req.started = time.perf_counter()
         for s in starts:
-            self._queue.put((req, s, min(self.chunk_bytes, length - s)))
+            self._queue.put((req.priority, next(self._seq), (req, s, min(self.chunk_bytes, length - s))))
         return req
 
     def _work(self) -> None:
+        name_thread("wanpack-disk")
         while True:
-            item = self._queue.get()
+            item = self._queue.get()[2]
             if item is None:
                 return
             req, start, length = item
@@ -205,6 +290,12 @@ class DiskReader:
         t0 = time.perf_counter()
         sf = req.shard
         want = max(0, min(length, req.expected - start))
+        if req.populate:
+            done = populate_range(req.dest, start, want, sf)
+            with self._stat_lock:
+                self.bytes_read += done
+                self.busy_s += time.perf_counter() - t0
+            return done
         view = memoryview(req.dest[start : start + length].numpy())
         if not sf.direct:
             view = view[:want]
@@ -214,7 +305,7 @@ class DiskReader:
             if n <= 0:
                 break
             done += n
-        if not sf.direct and want:
+        if not sf.direct and not sf.keep_cache and want:
             os.posix_fadvise(sf.fd, req.offset + start, want, os.POSIX_FADV_DONTNEED)
         with self._stat_lock:
             self.bytes_read += done
@@ -227,7 +318,7 @@ class DiskReader:
             return
         self._stop.set()
         for _ in self._threads:
-            self._queue.put(None)
+            self._queue.put((float("inf"), next(self._seq), None))  # after the queued chunks, which now complete unread
         deadline = time.monotonic() + 10.0  # a stalled pread cannot be cancelled; daemon threads die with the process
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -244,7 +335,50 @@ def sha256_file(shard: ShardFile, reader_chunk: int = 16 << 20) -> str:
         if n <= 0:
             raise ShardReadError(f"{shard.path}: short read while hashing - the shard is truncated; convert again")
         h.update(view[: min(n, shard.size - pos)])
-        if not shard.direct:
+        if not shard.direct and not shard.keep_cache:
             os.posix_fadvise(shard.fd, pos, n, os.POSIX_FADV_DONTNEED)
         pos += n
     return h.hexdigest()
+
+
+def name_thread(name: str) -> None:
+    """Give the OS thread a name (Linux prctl PR_SET_NAME), so per-thread CPU in /proc and the sidecar says whose."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "prctl"):
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)
+
+
+MADV_POPULATE_READ = 22  # Linux 5.14+: fault pages of a mapping in (reading the file), no copy to user space
+_SCRATCH = threading.local()
+
+
+def populate_range(view: torch.Tensor, start: int, nbytes: int, shard: ShardFile) -> int:
+    """Bring ``view[start:start+nbytes]`` (a read-only mapping of ``shard``) into memory; returns the bytes covered.
+
+    MADV_POPULATE_READ faults the pages in from the page cache (or the drive) without copying anything to user space;
+    where the kernel lacks it, a positioned read into a small per-thread scratch buffer does the same job with a copy.
+    """
+    if nbytes <= 0:
+        return 0
+    libc = _libc()
+    if libc is not None and getattr(_SCRATCH, "madvise_ok", True):
+        ptr = view.data_ptr() + start
+        if libc.madvise(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), MADV_POPULATE_READ) == 0:
+            return nbytes
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:
+            raise ShardReadError(f"{shard.path}: could not read {nbytes} bytes at {start} ({os.strerror(err)}) - the "
+                                 "shard is truncated or the drive is failing; convert again")  # fmt: skip
+        _SCRATCH.madvise_ok = False
+    scratch = getattr(_SCRATCH, "buf", None)
+    if scratch is None:
+        scratch = _SCRATCH.buf = aligned_empty(DEFAULT_CHUNK)
+    mv = memoryview(scratch.numpy())
+    offset = view.data_ptr() - shard.map_base + start if shard.map_base else start
+    done = 0
+    while done < nbytes:
+        n = os.preadv(shard.fd, [mv[: min(len(mv), nbytes - done)]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done

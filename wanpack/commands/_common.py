@@ -74,6 +74,12 @@ def parse_budget(flag: str, text: str | None) -> int | None:
     return size
 
 
+def budget_gib(flag: str, text: str | None) -> float | None:
+    """``parse_budget`` in GiB, as RunConfig's ``*_budget_gib`` settings hold it (None: not given)."""
+    size = parse_budget(flag, text)
+    return None if size is None else size / GIB
+
+
 PLAIN_EVERY_S = 10.0  # piped output: one progress line this often, plus the last one
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from wanpack.commands._common import byte_progress, guarded
-from wanpack.output import human_bytes, out, print_json
+from wanpack.output import err, human_bytes, out, print_json
 
 
 @guarded
@@ -25,7 +25,8 @@ def convert(
     lora_strength: list[float] = typer.Option([], "--lora-strength", help="Strength per --lora (default 1.0)."),
     keep_fp32: bool = typer.Option(False, "--keep-fp32", help="Keep norms, modulation, embeddings and head in fp32."),
     hash_source: bool = typer.Option(True, "--hash-source/--no-hash-source", help="Record the source files' sha256."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing pack at --out."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing pack at --out (in one atomic swap, after "
+                               "the runs using it finish)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Convert a Wan2.1 checkpoint into a pack, streaming one tensor at a time.
@@ -50,7 +51,8 @@ def convert(
                           loras=[(str(p), s) for p, s in zip(lora, strengths, strict=True)], keep_fp32=keep_fp32,
                           hash_source=hash_source, force=force)  # fmt: skip
     with byte_progress("converting", enabled=not json_out) as progress:
-        manifest, stats = convert_checkpoint(source_path, out_dir, opts, progress=progress)
+        manifest, stats = convert_checkpoint(source_path, out_dir, opts, progress=progress,
+                                             log=lambda message: err.print(f"[yellow]{escape(message)}[/]"))  # fmt: skip
     summary = {
         "pack": str(out_dir), "components": list(manifest.components), "quant": quant,
         "layout": "by_block" if save_by_block else "single", "source_bytes": stats.source_bytes,

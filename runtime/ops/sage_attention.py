@@ -1,0 +1,327 @@
+"""Quantized attention for long sequences (SageAttention2's recipe, written for wanpack): softmax(q k^T / sqrt(D)) v
+with Q.K^T on INT8 tensor cores and P.V on FP8 (sm89+) or 16-bit tensor cores, fp32 softmax and accumulation.
+
+Algorithm, per (batch, head):
+1. K smoothing: K minus its per-channel mean over all tokens. That subtracts q.mean_k from every logit of a query
+   row, which softmax ignores; it removes the channel-wise bias that dominates K's range in DiTs, so int8 keeps
+   the varying part.
+2. Q is quantized per token, K per group of K_GROUP tokens, symmetric int8 (scale = amax / 127, codes rounded half
+   away from zero). sm_scale * log2(e) is folded into Q's scale, so the kernel's logits are base-2 and exp2 applies.
+   (SageAttention scales Q per block of rows; per token is finer at no cost here: a key tile's logits get one
+   per-row factor in the multiply-add that feeds exp2 either way.)
+3. The kernel: S = int8 dot -> int32 -> fp32 (exact through a float bit trick instead of a slow int->float
+   conversion) times the two scales; online softmax in fp32 (running max and sum); P.V per key tile.
+   - FP8 (``pv_fp8=True``): V smoothed by its per-channel mean, quantized to e4m3 with a per-channel scale
+     (amax / 448) and stored transposed ([D, L], the K-major layout fp8 tensor cores need); P * 448 in e4m3.
+     Each tile's P.V is a fresh dot added to the fp32 accumulator (two-level accumulation: the tensor cores'
+     reduced-precision fp8 accumulator only ever sums one tile). Epilogue: acc * v_scale / (448 * l) + v_mean.
+   - 16-bit (``pv_fp8=False``): P rounded to V's own dtype, dot with the caller's V, fp32 accumulation.
+
+Zero groups get scale 1 (their codes are 0), so no scale is ever 0 and a masked -inf logit never meets a 0 scale.
+K lengths that are not a multiple of the key tile are handled by masking the last tile (the quantized K and V are
+zero-padded to a multiple of PAD tokens, so loads need no mask).
+
+Pre-pass traffic per element of each [L, H, D] tensor (bf16 in): Q read 2 B + write 1 B; K mean read 2 B, quantize
+read 2 B + write 1 B; V (fp8 path) mean and min/max read 4 B, quantize read 2 B + write 1 B. K and V are prepared
+once per call site (:class:`SageKV`, reused by every query chunk of a DiT block), so at Wan 14B 720p (75600 tokens,
+40 x 128) that is ~4.6 GB per block (~1.6 ms at 3 TB/s) next to 120-200 ms of attention.
+
+Accuracy (CPU, Triton interpreter, ``tests/test_sage_attention.py``, realistic_qkv inputs): cosine to fp32 SDPA
+0.9996-0.9999 with 16-bit P.V, 0.9995-0.9998 with fp8 P.V. Nothing has been measured on a GPU yet; see docs/DIT.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from wanpack.runtime.ops.linear import QMAX
+
+HEAD_DIMS = (64, 128)  # what the kernel is built for; attention.py sends other head dims to SDPA
+K_GROUP = 64  # tokens sharing one K scale (SageAttention's per-block granularity); also the pre-pass's rows per program
+PAD = 128  # quantized Q, K and V are padded to a multiple of this many tokens (the largest tile)
+_FP8_MAX = QMAX[torch.float8_e4m3fn]  # the kernels write 127 and 448 (linear.QMAX) as literals
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tile shapes autotuned once per (length buckets, head dim, P.V path). 8 warps = 2 warpgroups of 64 query rows each
+# on Hopper; BLOCK_M 128 with 4 warps spills (ptxas: 300+ bytes of stack per thread). Configs over a card's shared
+# memory (sm89: 99 KiB) are skipped by the autotuner.
+_ATTN_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+]
+_INTERPRET_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}  # the interpreter cannot time configs; small tiles keep it quick
+
+
+# ------------------------------------------------------------------------------------------------ pre-pass kernels
+
+
+@triton.jit
+def _load_tokens(x_ptr, L, H, stride_b, stride_l, stride_h, D: tl.constexpr, ROWS: tl.constexpr):
+    """This program's ROWS tokens of one (batch, head) of x [B, L, H, D] in fp32 (rows >= L as 0), with the indices."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    d = tl.arange(0, D)
+    valid = rows < L
+    src = x_ptr + (bh // H) * stride_b + (bh % H) * stride_h + rows.to(tl.int64)[:, None] * stride_l + d[None, :]
+    return pid, bh, rows, d, valid, tl.load(src, mask=valid[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quant_int8_kernel(x_ptr, mean_ptr, out_ptr, scale_ptr, L, H, L_PAD, stride_b, stride_l, stride_h, extra_scale,
+                       D: tl.constexpr, ROWS: tl.constexpr, PER_ROW: tl.constexpr,
+                       SMOOTH: tl.constexpr):  # fmt: skip
+    """One program per ROWS tokens of one (batch, head): x [B, L, H, D] (minus mean[bh, D] with SMOOTH) ->
+    out[bh, L_PAD, D] int8 (rows >= L written as 0) and scale * extra_scale per row (PER_ROW) or for the group."""
+    pid, bh, rows, d, valid, x = _load_tokens(x_ptr, L, H, stride_b, stride_l, stride_h, D, ROWS)
+    if SMOOTH:
+        x = tl.where(valid[:, None], x - tl.load(mean_ptr + bh * D + d)[None, :], 0.0)
+    if PER_ROW:
+        amax = tl.max(tl.abs(x), axis=1)
+    else:
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    inv = tl.where(amax > 0, tl.div_rn(127.0, tl.where(amax > 0, amax, 1.0)), 0.0)
+    scale = tl.where(amax > 0, tl.div_rn(amax, 127.0), 1.0) * extra_scale
+    if PER_ROW:
+        tl.store(scale_ptr + bh * L_PAD + rows, scale)
+        y = x * inv[:, None]
+    else:
+        tl.store(scale_ptr + bh * (L_PAD // ROWS) + pid, scale)
+        y = x * inv
+    q = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)  # round half away from zero; |y| <= 127 (+ rounding)
+    tl.store(out_ptr + (bh * L_PAD + rows)[:, None] * D + d[None, :], q)
+
+
+@triton.jit
+def _quant_v_fp8_kernel(v_ptr, mean_ptr, inv_ptr, out_ptr, L, H, L_PAD, stride_b, stride_l, stride_h,
+                        D: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+    """One program per ROWS tokens of one (batch, head): (v - mean) * inv per channel, clamped to +-448, as e4m3
+    into out[bh, D, L_PAD] (transposed; rows >= L written as 0)."""
+    _, bh, rows, d, valid, v = _load_tokens(v_ptr, L, H, stride_b, stride_l, stride_h, D, ROWS)
+    y = (v - tl.load(mean_ptr + bh * D + d)[None, :]) * tl.load(inv_ptr + bh * D + d)[None, :]
+    y = tl.where(valid[:, None], tl.minimum(tl.maximum(y, -448.0), 448.0), 0.0)
+    tl.store(out_ptr + (bh * D + d)[None, :] * L_PAD + rows[:, None], y.to(tl.float8e4nv))
+
+
+# ------------------------------------------------------------------------------------------------ attention kernel
+
+
+@triton.jit
+def _exact_f32(acc):
+    """int32 -> fp32 for |acc| < 2^22 (int8 x int8 sums over D <= 256): adding 1.5 * 2^23's bit pattern puts the
+    integer in a float's mantissa; subtracting 1.5 * 2^23 is exact. An integer add and a float add instead of the
+    conversion instruction, which runs at a quarter of the fp32 rate, as slow as the softmax's exp2."""
+    return (acc + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def _sage_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, stride_vl, start, Lk, L_PAD,
+               D: tl.constexpr, K_GROUP: tl.constexpr, PV_FP8: tl.constexpr, MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """One key tile of the online softmax: updates (acc [BM, D] fp32, l_i, m_i [BM] fp32) with keys start..+BLOCK_N."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    k = tl.load(k_base + offs_n[:, None] * D + d[None, :])  # [BN, D] int8 (zero-padded: no mask)
+    s = _exact_f32(tl.dot(q, tl.trans(k), out_dtype=tl.int32))
+    if BLOCK_N <= K_GROUP:  # the tile lies in one K group: one scale for the whole tile
+        row_scale = q_scale * tl.load(ks_base + start // K_GROUP)
+    else:
+        s = s * tl.load(ks_base + offs_n // K_GROUP)[None, :]
+        row_scale = q_scale
+    if MASK:
+        s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * row_scale)  # scales are > 0, so the max commutes with them
+    p = tl.math.exp2(s * row_scale[:, None] - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if PV_FP8:
+        vt = tl.load(v_base + d[:, None] * L_PAD + offs_n[None, :])  # [D, BN] e4m3, zero-padded
+        acc = acc * alpha[:, None] + tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt))
+    else:
+        v_ptrs = v_base + offs_n.to(tl.int64)[:, None] * stride_vl + d[None, :]
+        if MASK:
+            v = tl.load(v_ptrs, mask=(offs_n < Lk)[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=["H", "Lq", "Lk", "LQ_BUCKET", "LK_BUCKET"])  # one binary for any lengths
+def _sage_attn_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, o_ptr, H, Lq, Lk, LQ_PAD, LK_PAD,
+                      stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh, LQ_BUCKET, LK_BUCKET,
+                      D: tl.constexpr, K_GROUP: tl.constexpr, PV_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):  # fmt: skip
+    """One program per BLOCK_M queries of one (batch, head); o [B, Lq, H, D] in its own dtype.
+
+    q [BH, LQ_PAD, D] int8 with qs [BH, LQ_PAD] (base-2 logit scale folded in); k [BH, LK_PAD, D] int8 smoothed with
+    ks [BH, LK_PAD / K_GROUP]; PV_FP8: v [BH, D, LK_PAD] e4m3 with vs, vm [BH, D] (scale, mean), else v is the
+    caller's [B, Lk, H, D] tensor. LQ_BUCKET / LK_BUCKET only key the autotuner.
+    """
+    pid_m = tl.program_id(0)  # fastest-varying: consecutive programs share one head's K and V in L2
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (bh * LQ_PAD + offs_m)[:, None] * D + d[None, :])
+    q_scale = tl.load(qs_ptr + bh * LQ_PAD + offs_m)
+    k_base = k_ptr + bh * LK_PAD * D
+    ks_base = ks_ptr + bh * (LK_PAD // K_GROUP)
+    if PV_FP8:
+        v_base = v_ptr + bh * D * LK_PAD
+    else:
+        v_base = v_ptr + (bh // H) * stride_vb + (bh % H) * stride_vh
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    full = (Lk // BLOCK_N) * BLOCK_N
+    for start in range(0, full, BLOCK_N):
+        acc, l_i, m_i = _sage_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, stride_vl, start, Lk, LK_PAD,
+                                   D, K_GROUP, PV_FP8, False, BLOCK_N)  # fmt: skip
+    if full < Lk:
+        acc, l_i, m_i = _sage_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, stride_vl, full, Lk, LK_PAD,
+                                   D, K_GROUP, PV_FP8, True, BLOCK_N)  # fmt: skip
+    if PV_FP8:
+        vs = tl.load(vs_ptr + bh * D + d)
+        vm = tl.load(vm_ptr + bh * D + d)
+        out = acc * (1.0 / (448.0 * l_i))[:, None] * vs[None, :] + vm[None, :]
+    else:
+        out = acc * (1.0 / l_i)[:, None]
+    dst = o_ptr + (bh // H) * stride_ob + (bh % H) * stride_oh + offs_m.to(tl.int64)[:, None] * stride_ol + d[None, :]
+    tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(offs_m < Lq)[:, None])
+
+
+def _bench_quickly(kernel_call, quantiles):
+    """The autotuner's timer with a short budget: a 75600-token call takes ~0.1 s, so the default 100 ms per config
+    would triple the tuning time for no better choice."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+_tuned_attn = triton.autotune(configs=_ATTN_CONFIGS, key=["LQ_BUCKET", "LK_BUCKET", "D", "PV_FP8"],
+                              do_bench=_bench_quickly)(_sage_attn_kernel)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+
+@dataclass(frozen=True)
+class SageKV:
+    """Keys and values prepared for the kernel: made once per call site, used by every query chunk.
+
+    k8 [B*H, LK_PAD, D] int8 (smoothed), k_scale [B*H, LK_PAD / K_GROUP] fp32; fp8 path: v [B*H, D, LK_PAD] e4m3
+    (smoothed, transposed) with v_scale, v_mean [B*H, D] fp32; 16-bit path: v is the caller's [B, Lk, H, D].
+    """
+
+    k8: torch.Tensor
+    k_scale: torch.Tensor
+    v: torch.Tensor
+    v_scale: torch.Tensor | None
+    v_mean: torch.Tensor | None
+    batch: int
+    heads: int
+    length: int
+    pv_fp8: bool
+
+
+def _padded(n: int) -> int:
+    return triton.cdiv(n, PAD) * PAD
+
+
+def _check_shapes(x: torch.Tensor, what: str) -> None:
+    if x.dim() != 4 or x.shape[-1] not in HEAD_DIMS or x.stride(-1) != 1:
+        raise ValueError(f"sage attention takes {what} [B, L, H, D] with D in {HEAD_DIMS} and unit channel stride, "
+                         f"got shape {tuple(x.shape)} strides {x.stride()}")  # fmt: skip
+
+
+def _quantize_int8(x: torch.Tensor, mean: torch.Tensor | None, per_row: bool, extra_scale: float):
+    """x [B, L, H, D] -> (codes [B*H, L_PAD, D] int8, scales [B*H, L_PAD] per row or [B*H, L_PAD / 64] per group)."""
+    b, n, h, d = x.shape
+    n_pad = _padded(n)
+    codes = torch.empty((b * h, n_pad, d), dtype=torch.int8, device=x.device)
+    scales = torch.empty((b * h, n_pad if per_row else n_pad // K_GROUP), dtype=torch.float32, device=x.device)
+    _quant_int8_kernel[(n_pad // K_GROUP, b * h)](x, mean if mean is not None else scales, codes, scales, n, h,
+                                                      n_pad, x.stride(0), x.stride(1), x.stride(2), extra_scale, D=d,
+                                                      ROWS=K_GROUP, PER_ROW=per_row, SMOOTH=mean is not None,
+                                                      num_warps=4)  # fmt: skip
+    return codes, scales
+
+
+def quantize_queries(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Lq, H, D] -> (int8 [B*H, LQ_PAD, D], per-token scale [B*H, LQ_PAD] with sm_scale * log2(e) folded in)."""
+    _check_shapes(q, "q")
+    return _quantize_int8(q, None, per_row=True, extra_scale=_LOG2E / math.sqrt(q.shape[-1]))
+
+
+def prepare_kv(k: torch.Tensor, v: torch.Tensor, pv_fp8: bool, smooth_k: bool = True) -> SageKV:
+    """Smooth and quantize K (and, for fp8 P.V, V) once; ``smooth_k=False`` exists to show what smoothing buys."""
+    _check_shapes(k, "k")
+    _check_shapes(v, "v")
+    b, n, h, d = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"sage attention needs k and v of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if n == 0:
+        raise ValueError("sage attention needs at least one key")
+    mean_k = k.mean(dim=1, dtype=torch.float32).reshape(b * h, d) if smooth_k else None
+    k8, k_scale = _quantize_int8(k, mean_k, per_row=False, extra_scale=1.0)
+    if not pv_fp8:
+        return SageKV(k8, k_scale, v, None, None, b, h, n, False)
+    mean_v = v.mean(dim=1, dtype=torch.float32)  # [B, H, D]
+    lo, hi = torch.aminmax(v, dim=1)
+    amax = torch.maximum(hi.float() - mean_v, mean_v - lo.float()).reshape(b * h, d)
+    # the same division pair as the activation quantizer (linear.quantize_activation_torch): scale dequantizes
+    fmax = torch.full_like(amax, _FP8_MAX)
+    v_scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    inv = torch.where(amax > 0, fmax / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.zeros_like(amax))
+    n_pad = _padded(n)
+    vt = torch.empty((b * h, d, n_pad), dtype=torch.float8_e4m3fn, device=v.device)
+    mean_v = mean_v.reshape(b * h, d).contiguous()
+    _quant_v_fp8_kernel[(n_pad // K_GROUP, b * h)](v, mean_v, inv.contiguous(), vt, n, h, n_pad, v.stride(0),
+                                                       v.stride(1), v.stride(2), D=d, ROWS=K_GROUP,
+                                                       num_warps=4)  # fmt: skip
+    return SageKV(k8, k_scale, vt, v_scale.contiguous(), mean_v, b, h, n, True)
+
+
+def sage_attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
+                   pv_fp8: bool, kv: SageKV | None = None, tile: dict[str, int] | None = None) -> torch.Tensor:  # fmt: skip
+    """softmax(q k^T / sqrt(D)) v, non-causal, no mask. q [B, Lq, H, D], k and v [B, Lk, H, D] (fp16/bf16, unit
+    channel stride, D in HEAD_DIMS) -> [B, Lq, H, D] in q's dtype. Pass ``kv`` from :func:`prepare_kv` instead of k
+    and v to reuse it; ``tile`` ({'BLOCK_M', 'BLOCK_N'} plus optional 'num_warps', 'num_stages') skips autotuning."""
+    if kv is None:
+        kv = prepare_kv(k, v, pv_fp8)
+    if kv.pv_fp8 != pv_fp8:
+        raise ValueError("the prepared K/V were made for the other P.V path")
+    b, lq, h, d = q.shape
+    if (b, h, d) != (kv.batch, kv.heads, kv.k8.shape[-1]):
+        raise ValueError(f"q {tuple(q.shape)} does not match the prepared K/V (batch {kv.batch}, heads {kv.heads})")
+    q8, q_scale = quantize_queries(q)
+    out = torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device)
+    v_strides = (0, 0, 0) if kv.pv_fp8 else (kv.v.stride(0), kv.v.stride(1), kv.v.stride(2))
+    dummy = q_scale  # any pointer: the 16-bit path reads no V scale or mean
+    args = (q8, q_scale, kv.k8, kv.k_scale, kv.v, kv.v_scale if pv_fp8 else dummy, kv.v_mean if pv_fp8 else dummy,
+            out, h, lq, kv.length, q8.shape[1], kv.k8.shape[1], *v_strides, out.stride(0), out.stride(1),
+            out.stride(2), min(triton.next_power_of_2(lq), 65536), min(triton.next_power_of_2(kv.length), 65536))  # fmt: skip
+    if tile is None and _INTERPRET:
+        tile = _INTERPRET_TILE
+    if tile is not None:
+        meta = {k_: tile[k_] for k_ in ("BLOCK_M", "BLOCK_N")}
+        launch = {k_: tile[k_] for k_ in ("num_warps", "num_stages") if k_ in tile}
+        grid = (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
+        _sage_attn_kernel[grid](*args, D=d, K_GROUP=K_GROUP, PV_FP8=pv_fp8, **meta, **launch)
+    else:
+        _tuned_attn[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h)](*args, D=d, K_GROUP=K_GROUP, PV_FP8=pv_fp8)
+    return out
+
+
+def tuned_configs() -> dict[str, str]:
+    """What the autotuner chose so far in this process: {'(Lq bucket, Lk bucket, D, fp8 P.V, ...)': 'BLOCK_M=..'}."""
+    return {str(key): str(config) for key, config in getattr(_tuned_attn, "cache", {}).items()}
