@@ -270,7 +270,8 @@ class Session:
     def _release_encoders(self) -> None:
         """Encoders whose blocks are not cached for the next job give their memory back before the DiT runs."""
         for name in list(self._encoders):
-            if self.jobs == 1 or not self._encoders[name].host.cache_plan:
+            eng = self._encoders[name]
+            if self.jobs == 1 or not (eng.host.cache_plan or eng.maps is not None):
                 self._encoders.pop(name).close()
                 self._encoder_keys.pop(name, None)
         gc.collect()
