@@ -9,7 +9,6 @@ videos; ``run`` is one video in a fresh session.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,6 @@ from wanpack.runtime.stream.dit_stream import streamed_forward
 from wanpack.runtime.stream.engine import StreamEngine
 from wanpack.runtime.video import check_output_path, require_av
 
-GiB = 1 << 30
 Progress = Callable[[str, dict], None]  # (event, details): "plan", "stage", "step", "frames", "done", "note"
 
 
@@ -123,12 +121,6 @@ def check_request(req: RunRequest, manifest: Manifest | None = None) -> Checked:
         raise UsageError(f"{req.pack} holds a text-to-video model, which takes no --image - drop it or use an i2v pack")
     latent = latent_shape(cfg.frames, height, width, dit_cfg.out_dim)
     return Checked(manifest, dit_cfg, task, image, height, width, latent, cfg)
-
-
-def _release(device: torch.device, clean: bool) -> None:
-    gc.collect()
-    if device.type == "cuda" and clean:
-        torch.cuda.empty_cache()
 
 
 def encode_text(engine: StreamEngine, tokenizer: T5Tokenizer, prompts: list[str],

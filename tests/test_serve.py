@@ -17,18 +17,8 @@ SMALL = {"frames": 5, "height": 32, "width": 32, "steps": 2}
 
 
 @pytest.fixture(scope="module")
-def pack(tmp_path_factory) -> Path:
-    import os
-
-    from wanpack.demo import demo_pack
-
-    root = tmp_path_factory.mktemp("serve")
-    old = os.environ.get("WANPACK_CACHE")
-    os.environ["WANPACK_CACHE"] = str(root / "cache")
-    try:
-        return demo_pack(log=lambda m: None)
-    finally:
-        os.environ.pop("WANPACK_CACHE") if old is None else os.environ.__setitem__("WANPACK_CACHE", old)
+def pack(demo_pack_dir) -> Path:
+    return demo_pack_dir
 
 
 @pytest.fixture

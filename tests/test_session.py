@@ -25,21 +25,8 @@ SMALL = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "2"]
 
 
 @pytest.fixture(scope="module")
-def pack(tmp_path_factory) -> Path:
-    from wanpack.demo import demo_pack
-
-    root = tmp_path_factory.mktemp("session")
-    import os
-
-    old = os.environ.get("WANPACK_CACHE")
-    os.environ["WANPACK_CACHE"] = str(root / "cache")
-    try:
-        return demo_pack(log=lambda m: None)
-    finally:
-        if old is None:
-            os.environ.pop("WANPACK_CACHE")
-        else:
-            os.environ["WANPACK_CACHE"] = old
+def pack(demo_pack_dir) -> Path:
+    return demo_pack_dir
 
 
 def run(*args):
