@@ -9,7 +9,6 @@ videos; ``run`` is one video in a fresh session.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,6 @@ from wanpack.runtime.stream.dit_stream import streamed_forward
 from wanpack.runtime.stream.engine import StreamEngine
 from wanpack.runtime.video import check_outputs, require_av
 
-GiB = 1 << 30
 Progress = Callable[[str, dict], None]  # (event, details): "plan", "stage", "step", "frames", "done", "note", "warning"
 
 
@@ -150,12 +148,6 @@ def check_budgets(req: RunRequest, checked: Checked) -> None:
     device, _ = prepare_device(req.device)  # CUDA's settings are fixed before the budget probe starts it
     plan_run(req.pack, checked.manifest, checked.config, device=device, width=checked.width, height=checked.height,
              task=checked.task, batch=2 if checked.config.cfg_active else 1)  # fmt: skip
-
-
-def _release(device: torch.device, clean: bool) -> None:
-    gc.collect()
-    if device.type == "cuda" and clean:
-        torch.cuda.empty_cache()
 
 
 def encode_text(engine: StreamEngine, tokenizer: T5Tokenizer, prompts: list[str],

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from wanpack.runtime.ops.devices import wait_for_gpu
 from wanpack.runtime.video import atomic_path
 
 
@@ -95,21 +96,16 @@ class StageTimer:
         self.sync = sync and torch.cuda.is_available()
         self.seconds: dict[str, float] = {}
 
-    def _wait_for_gpu(self) -> None:
-        """Wait for the work queued so far, asleep (a blocking event) rather than spinning in a synchronize."""
-        if self.sync:
-            done = torch.cuda.Event(blocking=True)
-            done.record()
-            done.synchronize()
-
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        self._wait_for_gpu()
+        if self.sync:
+            wait_for_gpu()
         start = time.perf_counter()
         try:
             yield
         finally:
-            self._wait_for_gpu()
+            if self.sync:
+                wait_for_gpu()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     @property

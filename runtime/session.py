@@ -34,6 +34,7 @@ from wanpack.errors import UsageError, WanpackError
 from wanpack.manifests.arch import DiTConfig, VAEConfig, config_from_dict
 from wanpack.manifests.pack_lock import pinned_pack
 from wanpack.manifests.run_config import RunConfig
+from wanpack.runtime.ops.devices import wait_for_gpu
 from wanpack.runtime.pack import PackComponent
 from wanpack.runtime.run_plan import DISK_WORKERS, RunPlan, plan_run
 from wanpack.runtime.run_record import (
@@ -132,7 +133,7 @@ class Session:
         self.jobs = jobs
         self.reader = DiskReader(DISK_WORKERS)
         self._dit: StreamEngine | None = None
-        self._dit_key: tuple | None = None
+        self._dit_key: str | None = None
         self._encoders: dict[str, StreamEngine] = {}
         self._encoder_keys: dict[str, tuple] = {}
         self._texts: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
@@ -247,8 +248,7 @@ class Session:
     def _dit_engine(self, plan: RunPlan) -> StreamEngine:
         """The DiT engine for this plan: kept from the last job when the plan is the same, else built anew. Its cache
         reads are queued before the encoders start, at a lower priority, so step 1 mostly finds its blocks in RAM."""
-        key = (tuple(sorted(asdict(plan.dit_options).items(), key=lambda kv: kv[0])),)
-        key = tuple(repr(v) for v in key)
+        key = repr(asdict(plan.dit_options))
         if self._dit is not None and self._dit_key == key:
             return self._dit
         self._close_dit()
@@ -270,7 +270,7 @@ class Session:
     def _encoder_engine(self, name: str, plan: RunPlan) -> StreamEngine:
         ep = plan.encoders[name]
         options = plan.encoder_options(name)
-        key = (ep.device, repr(sorted(asdict(options).items())))
+        key = (ep.device, repr(asdict(options)))
         eng = self._encoders.get(name)
         if eng is not None and self._encoder_keys.get(name) == key:
             return eng
@@ -291,7 +291,8 @@ class Session:
     def _release_encoders(self) -> None:
         """Encoders whose blocks are not cached for the next job give their memory back before the DiT runs."""
         for name in list(self._encoders):
-            if self.jobs == 1 or not self._encoders[name].host.cache_plan:
+            eng = self._encoders[name]
+            if self.jobs == 1 or not (eng.host.cache_plan or eng.maps is not None):
                 self._encoders.pop(name).close()
                 self._encoder_keys.pop(name, None)
         gc.collect()
@@ -376,7 +377,7 @@ class Session:
 
         def report(event: str, info: dict) -> None:
             if event == "step":  # per-step wall time (one blocking wait per step: the GPU is idle a few us)
-                _gpu_done(self.device)
+                wait_for_gpu(self.device)
                 marks.append(time.perf_counter())
             progress(event, info)
 
@@ -424,14 +425,6 @@ class Session:
             return backend_info(self.device)
         except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
             return {"error": str(exc)}
-
-
-def _gpu_done(device: torch.device) -> None:
-    """Wait (asleep) for the work queued so far on the current stream."""
-    if device.type == "cuda":
-        done = torch.cuda.Event(blocking=True)
-        done.record()
-        done.synchronize()
 
 
 def _process_read_bytes() -> int | None:

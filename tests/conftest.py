@@ -33,3 +33,21 @@ def tiny_i2v(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_i2v")
     synth_checkpoint(out, "wan2.1-i2v-14b", layers=2, dim_scale="tiny", components=("dit", "t5", "clip", "vae"))
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_pack_dir(tmp_path_factory) -> Path:
+    """The embedded demo pack (tiny random-weight T2V, int8, with T5 and VAE), built once into a private cache."""
+    import os
+
+    from wanpack.demo import demo_pack
+
+    old = os.environ.get("WANPACK_CACHE")
+    os.environ["WANPACK_CACHE"] = str(tmp_path_factory.mktemp("demo") / "cache")
+    try:
+        return demo_pack(log=lambda message: None)
+    finally:
+        if old is None:
+            del os.environ["WANPACK_CACHE"]
+        else:
+            os.environ["WANPACK_CACHE"] = old

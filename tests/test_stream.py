@@ -263,3 +263,42 @@ def test_prefetch_needs_slots(packs):
 
     with pytest.raises(UsageError, match="prefetch"):
         StreamEngine(PackComponent(packs["by_block"]), StreamOptions(prefetch=2, device_slots=2))
+
+
+@pytest.mark.parametrize("layout", ["by_block", "single", "bf16"])
+@pytest.mark.parametrize("gran", ["model", "block", "phase"])
+def test_mapped_mode_is_bit_exact_and_copies_nothing_on_the_host(packs, layout, gran):
+    """Mapped mode hands out views of the page cache itself: same bits as the reference, every unit mapped once."""
+    pack = packs[layout]
+    ref = reference(pack, torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), 1)
+    outs, stats = run_engine(pack, forwards=3, granularity=gran, prefetch=1, device_slots=2, disk_workers=3,
+                             chunk_bytes=8192, mapped=True)  # fmt: skip
+    assert all(torch.equal(o, ref) for o in outs)
+    assert stats["mapped"] and stats["host_slots"] == 0 and stats["pinned_bytes"] == 0  # no ring, nothing pinned (CPU)
+    units = PackComponent(pack).units(gran)
+    assert stats["requested_bytes"] == sum(u.length for u in units)  # each unit faulted in once, not once per forward
+
+
+def test_shared_reader_serves_two_engines_and_prefetch_fills_the_cache_first(packs):
+    """Two engines on one DiskReader (what a run's encoders and DiT do); prefetch_cache queues every cached unit."""
+    from wanpack.runtime.stream.reader import DiskReader
+
+    pack = packs["by_block"]
+    comp = PackComponent(pack)
+    n = len(comp.units("block"))
+    ref = reference(pack, torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), 1)
+    reader = DiskReader(3, chunk_bytes=8192)
+    try:
+        cached = StreamEngine(comp, StreamOptions(cache_units=list(range(n)), priority=2), reader=reader)
+        mapped = StreamEngine(comp, StreamOptions(mapped=True, priority=0), reader=reader)
+        with cached, mapped:
+            assert cached.prefetch_cache() == comp.block_bytes()  # all of it queued before the first forward
+            for eng in (mapped, cached):
+                x = torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0))
+                for unit, w in eng.forward():
+                    x = block_fn(unit, w, x)
+                assert torch.equal(x, ref)
+            assert cached.bytes_requested == comp.block_bytes()  # the forward found everything already requested
+        assert reader.alive()  # engines closing does not stop a reader they share
+    finally:
+        reader.close()
