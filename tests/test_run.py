@@ -216,4 +216,96 @@ def test_planner_verdict_comes_before_any_compute(packs, tmp_path):
     result = run("run", "--pack", packs["t2v"], "--prompt", "x", "--vram-budget", "1MiB", "--out", tmp_path / "v.mp4")
     assert result.exit_code == 2
     _fails_fast(result, "needs at least", started=started)
-    assert "text (" not in result.output  # not even the T5 ran
+    assert "text (" not in result.output and "plan:" not in result.output  # refused before the session planned
+
+
+def test_prompts_jobs_refuse_existing_outputs_unless_overwrite(packs, tmp_path):
+    """`run --prompts` checks every line's outputs before the first job (naming the line), like `run --out`; with
+    --overwrite both videos are made. The random-weight warning comes once for the whole file."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a", "out": "a.mp4"}\n{"prompt": "b", "out": "b.mp4"}\n')
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "b.mp4").write_bytes(b"an earlier video")
+    small = ["--frames", 5, "--height", 32, "--width", 32, "--steps", 1]
+    result = run("run", "--pack", packs["t2v"], "--prompts", jobs, "--out-dir", videos, *small)
+    _refused(result, "jobs.jsonl line 2", "b.mp4 already exists", "--overwrite")
+    assert sorted(p.name for p in videos.iterdir()) == ["b.mp4"] and (videos / "b.mp4").read_bytes() == b"an earlier video"
+    result = run("run", "--pack", packs["t2v"], "--prompts", jobs, "--out-dir", videos, *small, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert [read_video_info(videos / n)[:3] for n in ("a.mp4", "b.mp4")] == [(5, 32, 32)] * 2
+    assert result.output.count("holds RANDOM weights") == 1 and result.output.count("RANDOM weights)") == 2
+
+
+def test_serve_budgets_are_size_strings_checked_before_the_server_starts(packs, monkeypatch):
+    from wanpack.runtime import serve
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_server(pack, out_dir, **kwargs):
+        seen.update(kwargs["overrides"])
+        raise Stop
+
+    monkeypatch.setattr(serve, "JobServer", fake_server)
+    result = run("serve", "--pack", packs["t2v"], "--vram-budget", "lots")
+    _refused(result, "--vram-budget 'lots'")
+    assert seen == {}  # refused before the session was opened
+    result = run("serve", "--pack", packs["t2v"], "--vram-budget", "8", "--ram-budget", "512MiB")
+    assert isinstance(result.exception, Stop) and seen == {"vram_budget_gib": 8.0, "ram_budget_gib": 0.5}
+
+
+def test_budget_verdict_comes_before_the_session_opens(packs, tmp_path, monkeypatch):
+    """The planner's verdict (faked here: a CPU plan never runs out of VRAM) is asked before a Session exists."""
+    from wanpack.runtime import pipeline
+    from wanpack.runtime.stream.planner import BudgetError
+
+    def verdict(*args, **kwargs):
+        raise BudgetError("block streaming needs at least 3.10 GiB of VRAM - raise --vram-budget")
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("a session was opened before the budget verdict")
+
+    monkeypatch.setattr(pipeline, "plan_run", verdict)
+    monkeypatch.setattr(pipeline, "Session", no_session)
+    started = time.perf_counter()
+    result = run("run", "--pack", packs["t2v"], "--prompt", "x", *TINY_RUN, "--out", tmp_path / "v.mp4")
+    assert result.exit_code == 2
+    _fails_fast(result, "needs at least", started=started)
+
+
+def test_device_is_checked_once_and_strictly(monkeypatch):
+    from wanpack.errors import UsageError
+    from wanpack.runtime.session import select_device
+
+    for bad, fragment in (("tpu", "--device 'tpu'"), ("cuda:x", "not a device")):
+        with pytest.raises(UsageError, match=fragment):
+            select_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert select_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(UsageError, match="has 1 CUDA devices"):
+        select_device("cuda:1")
+
+
+def test_video_size_limits_touch_no_gpu_and_count_what_is_held(monkeypatch):
+    """The RAM verdict reads MemAvailable only (it runs before CUDA's settings are applied); the whole decoded clip is
+    float32 on the CPU path and uint8 frames on a GPU."""
+    from wanpack.errors import UsageError
+    from wanpack.runtime import run_limits
+    from wanpack.runtime.stream import planner
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("the size check started CUDA")
+
+    monkeypatch.setattr(planner, "detect_budgets", no_cuda)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_cuda)
+    run_limits.check_video_size(81, 480, 832)  # the default RAM budget: what this machine has available
+    budget = 0.2  # GiB: the 480p clip is 370 MiB as float32, 93 MiB as uint8
+    with pytest.raises(UsageError, match="needs 370 MiB of RAM"):
+        run_limits.check_video_size(81, 480, 832, ram_budget_gib=budget)
+    run_limits.check_video_size(81, 480, 832, ram_budget_gib=budget, on_gpu=True)
+    with pytest.raises(UsageError, match="1024"):
+        run_limits.check_video_size(81, 16400, 832, on_gpu=True)

@@ -88,7 +88,7 @@ def run(
 
         err.print("[yellow]no --pack given: running the embedded demo model - tiny, RANDOM weights; the video shows "
                   "noise patterns, not your prompt[/]")  # fmt: skip
-        pack = demo_pack(log=err.print)
+        pack = demo_pack(log=lambda message: err.print(message, markup=False, soft_wrap=True))
         prompt = prompt or (None if prompts else DEMO_PROMPT)
         overrides = {**DEMO_SETTINGS, **{k: v for k, v in overrides.items() if v is not None}}
     command = ["wanpack", *sys.argv[1:]]
