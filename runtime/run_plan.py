@@ -164,6 +164,9 @@ def usable_vram(budget_gib: float | None, free: int | None) -> int:
     """
     if budget_gib:
         budget = int(budget_gib * GiB)
+        if budget <= CONTEXT_RESERVE:
+            raise BudgetError(f"--vram-budget {budget_gib:g} GiB does not even hold the CUDA context and kernels "
+                              f"({_gib(CONTEXT_RESERVE)}) - give the GPU memory the whole process may use, e.g. 8")  # fmt: skip
         if free is not None and budget - CONTEXT_RESERVE > free:
             raise BudgetError(f"--vram-budget {budget_gib:g} GiB is more than this GPU has free ({_gib(free)} beside "
                               "our CUDA context) - lower it or free GPU memory")  # fmt: skip

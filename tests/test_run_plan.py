@@ -131,3 +131,9 @@ def test_cpu_runs_stream_block_by_block_through_mappings(pack):
 def test_a_vram_budget_that_cannot_hold_the_dit_is_refused_with_the_minimum(pack):
     with pytest.raises(planner.BudgetError, match="needs at least"):
         plan_for(pack, vram_budget_gib=gib(run_plan.CONTEXT_RESERVE + 1024), ram_budget_gib=64)
+
+
+def test_a_vram_budget_below_the_cuda_context_is_refused_in_words():
+    with pytest.raises(planner.BudgetError, match="does not even hold the CUDA context"):
+        run_plan.usable_vram(0.5, None)
+    assert run_plan.usable_vram(8, None) == 8 * GiB - run_plan.CONTEXT_RESERVE
