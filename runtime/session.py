@@ -298,12 +298,16 @@ class Session:
         gc.collect()
 
     def _load_tokenizer(self) -> None:
-        from wanpack.runtime.models.tokenizer import T5Tokenizer
+        from wanpack.manifests.pack_files import open_pack_file
+        from wanpack.runtime.models.tokenizer import T5Tokenizer, find_tokenizer_file
         from wanpack.runtime.stream.reader import name_thread
 
         name_thread("wanpack-tokens")
         try:
-            self._tokenizer = T5Tokenizer(self.pack / "t5" / "tokenizer")
+            folder = self.pack / "t5" / "tokenizer"
+            # listed in the manifest or not, the file read must be a regular file inside the pack (no symlink out)
+            os.close(open_pack_file(self.pack, find_tokenizer_file(folder).relative_to(self.pack))[0])
+            self._tokenizer = T5Tokenizer(folder)
         except BaseException as exc:  # noqa: BLE001 - raised where the tokenizer is used
             self._tokenizer = exc
 

@@ -192,3 +192,21 @@ def test_read_rows_equals_the_full_table(pack):
     rows = [5, 0, 5, table.shape[0] - 1]
     assert torch.equal(comp.read_rows("token_embedding.weight", rows), table[rows])
     assert "token_embedding.weight" not in comp.load_resident(skip=("token_embedding.weight",))
+
+
+def test_a_tokenizer_linked_outside_the_pack_is_refused_even_when_unlisted(pack, tmp_path):
+    import shutil
+
+    copy = tmp_path / "pack"
+    shutil.copytree(pack, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["components"]["t5"]["files"] = []  # a hostile manifest that does not list the tokenizer
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    tok = copy / "t5" / "tokenizer" / "tokenizer.json"
+    outside = tmp_path / "elsewhere.json"
+    shutil.copy(tok, outside)
+    tok.unlink()
+    tok.symlink_to(outside)
+    res = run("run", "--pack", copy, "--prompt", "a fox", "--out", tmp_path / "v.mp4", *SMALL)
+    assert res.exit_code == 1 and "outside the pack" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "v.mp4").exists()
