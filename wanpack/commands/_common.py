@@ -6,7 +6,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich.markup import escape
@@ -53,6 +53,10 @@ def check_at_least(flag: str, value: int | None, low: int) -> int | None:
 
 GIB = 1 << 30
 BUDGET_HELP = "e.g. 8GiB or 512MiB; a bare number is GiB"
+# Option aliases the commands that run a pack share (run, serve): one spelling and help text for each flag.
+VramBudget = Annotated[str | None, typer.Option("--vram-budget", help=f"GPU memory to use, {BUDGET_HELP} (default: free).")]
+RamBudget = Annotated[str | None, typer.Option("--ram-budget", help=f"Host RAM to use, {BUDGET_HELP} (default: available).")]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="cuda or cpu (default: cuda when present).")]
 
 
 def parse_budget(flag: str, text: str | None) -> int | None:

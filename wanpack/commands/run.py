@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from wanpack.commands._common import BUDGET_HELP, budget_gib, guarded
+from wanpack.commands._common import DeviceOption, RamBudget, VramBudget, budget_gib, guarded
 from wanpack.commands._progress import RunReporter
 from wanpack.output import err, human_bytes, out, print_json
 
@@ -33,10 +33,8 @@ def run(
     shift: float | None = typer.Option(None, "--shift", help="Flow-matching sigma shift."),
     sampler: str | None = typer.Option(None, "--sampler", help="unipc, dpm++, euler or distill."),
     negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="What to steer away from."),
-    vram_budget: str | None = typer.Option(None, "--vram-budget", help=f"GPU memory to use, {BUDGET_HELP} "
-                                                                     "(default: free)."),  # fmt: skip
-    ram_budget: str | None = typer.Option(None, "--ram-budget", help=f"Host RAM to use, {BUDGET_HELP} "
-                                                                   "(default: available)."),  # fmt: skip
+    vram_budget: VramBudget = None,
+    ram_budget: RamBudget = None,
     granularity: str | None = typer.Option(None, "--granularity", help="Offload unit: model, block or phase "
                                                                        "(default: the planner's choice)."),  # fmt: skip
     lazy_load: bool | None = typer.Option(None, "--lazy-load/--no-lazy-load", help="Read blocks from disk each step "
@@ -50,7 +48,7 @@ def run(
     save_latents: bool | None = typer.Option(None, "--save-latents", help="Also save the final latent."),
     gemm: str | None = typer.Option(None, "--gemm", help="Force the quantized GEMM backend (default: auto)."),
     attn: str | None = typer.Option(None, "--attn", help="Force the attention backend (default: auto)."),
-    device: str | None = typer.Option(None, "--device", help="cuda or cpu (default: cuda when present)."),
+    device: DeviceOption = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing videos (and their sidecars, latents)."),
     json_out: bool = typer.Option(False, "--json", help="Print the run record(s) as JSON."),
 ) -> None:

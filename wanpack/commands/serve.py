@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from wanpack.commands._common import BUDGET_HELP, budget_gib, guarded
+from wanpack.commands._common import DeviceOption, RamBudget, VramBudget, budget_gib, guarded
 from wanpack.output import err
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -21,11 +21,9 @@ def serve(
     out_dir: Path = typer.Option(Path("wanpack-serve-out"), "--out-dir", help="Where videos and sidecars go."),
     preset: str | None = typer.Option(None, "--preset", help="Settings every job starts from (jobs may override)."),
     config: Path | None = typer.Option(None, "--config", help="JSON settings every job starts from."),
-    vram_budget: str | None = typer.Option(None, "--vram-budget", help=f"GPU memory to use, {BUDGET_HELP} "
-                                                                     "(default: free)."),  # fmt: skip
-    ram_budget: str | None = typer.Option(None, "--ram-budget", help=f"Host RAM to use, {BUDGET_HELP} "
-                                                                   "(default: available)."),  # fmt: skip
-    device: str | None = typer.Option(None, "--device", help="cuda or cpu (default: cuda when present)."),
+    vram_budget: VramBudget = None,
+    ram_budget: RamBudget = None,
+    device: DeviceOption = None,
 ) -> None:
     """Serve a job API over one loaded pack: POST /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs/{id}/video.
 
