@@ -24,7 +24,7 @@ from wanpack.manifests.format import Manifest
 from wanpack.manifests.run_config import RunConfig
 from wanpack.runtime.pack import PackComponent
 from wanpack.runtime.stream.engine import StreamOptions
-from wanpack.runtime.stream.planner import BudgetError, Plan, detect_budgets, plan
+from wanpack.runtime.stream.planner import FRAGMENTATION, BudgetError, Plan, detect_budgets, plan
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -145,8 +145,7 @@ def plan_run(pack_root, manifest: Manifest, cfg: RunConfig, *, device: torch.dev
                     cache="none" if explicit.get("lazy_load") else "auto",
                     allow_model=explicit.get("cpu_offload") is not True, chunk=cfg.chunk_tokens)  # fmt: skip
     notes = list(dit_plan.notes)
-    dit_static = dit_plan.non_block_bytes + (dit_plan.device_slots if dit_plan.granularity != "model" else
-                                             comps["dit"].num_blocks) * dit_plan.unit_bytes  # fmt: skip
+    dit_static = dit_plan.peak_vram - int(dit_plan.activation_bytes * (1 + FRAGMENTATION))  # weights and slots
     ram_left = ram - dit_plan.peak_rss - encoder_ring
     encoders = {n: _encoder_plan(n, comps[n], cfg, vram - dit_static, ram_left, jobs) for n in comps if n != "dit"}
     ram_left -= sum(e.block_bytes for e in encoders.values() if e.cache == "all")

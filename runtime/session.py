@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from wanpack.errors import UsageError, WanpackError
-from wanpack.manifests.arch import DiTConfig, VAEConfig, config_from_dict
+from wanpack.manifests.arch import VAEConfig, config_from_dict
 from wanpack.manifests.pack_lock import pinned_pack
 from wanpack.manifests.run_config import RunConfig
 from wanpack.runtime.ops.devices import wait_for_gpu
@@ -136,7 +136,7 @@ class Session:
         self._dit_key: str | None = None
         self._encoders: dict[str, StreamEngine] = {}
         self._encoder_keys: dict[str, tuple] = {}
-        self._texts: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        self._texts: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()  # prompt -> T5 output
         self._tokenizer = None
         self._vae: tuple[dict[str, torch.Tensor], VAEConfig] | None = None
         self._last_decode_s: float | None = None
@@ -158,9 +158,7 @@ class Session:
         self._pin.close()
         self._vae = None
         self._texts.clear()
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._free_cuda_memory()
 
     def __enter__(self) -> Session:
         return self
@@ -201,7 +199,7 @@ class Session:
             dit = self._dit_engine(plan)
         progress("stage", {"name": "text", "device": plan.encoders["t5"].device})
         with timer.stage("text"):
-            texts = self._encode_text(job, plan, checked.dit_cfg)
+            texts = self._encode_text(job, plan)
         self._clean(cfg)
         clip = y = None
         if checked.task == "i2v":
@@ -263,9 +261,13 @@ class Session:
             self._dit.close()
             self._dit = None
             self._dit_key = None
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self._free_cuda_memory()
+
+    def _free_cuda_memory(self) -> None:
+        """Hand memory the caching allocator holds but nothing uses back to the device."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _encoder_engine(self, name: str, plan: RunPlan) -> StreamEngine:
         ep = plan.encoders[name]
@@ -284,9 +286,8 @@ class Session:
 
     def _clean(self, cfg: RunConfig) -> None:
         """clean_cuda_cache (a LightX2V key): hand cached-but-free CUDA memory back between stages."""
-        if cfg.clean_cuda_cache and self.device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
+        if cfg.clean_cuda_cache:
+            self._free_cuda_memory()
 
     def _release_encoders(self) -> None:
         """Encoders whose blocks are not cached for the next job give their memory back before the DiT runs."""
@@ -317,13 +318,13 @@ class Session:
             raise self._tokenizer
         return self._tokenizer
 
-    def _encode_text(self, job: Job, plan: RunPlan, dit_cfg: DiTConfig) -> list[torch.Tensor]:
+    def _encode_text(self, job: Job, plan: RunPlan) -> list[torch.Tensor]:
         """T5 output for [prompt] (+ negative prompt with CFG), [L_i, 4096] each, on the session's device.
 
         Embeddings of prompts seen before in this session are reused (a CFG job's negative prompt always is)."""
         cfg = job.config
         prompts = [job.prompt] + ([cfg.negative_prompt] if cfg.cfg_active else [])
-        todo = [p for p in dict.fromkeys(prompts) if ("t5", p) not in self._texts]
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._texts]
         if todo:
             from wanpack.runtime.pipeline import encode_text
 
@@ -334,13 +335,13 @@ class Session:
             t2 = time.perf_counter()
             enc_dtype = self.dtype if plan.encoders["t5"].device == "cuda" else torch.float32
             for p, emb in zip(todo, encode_text(eng, tokenizer, todo, enc_dtype), strict=True):
-                self._texts[("t5", p)] = emb.to(self.device)
+                self._texts[p] = emb.to(self.device)
             self.details.update({"t5_engine_s": round(t1 - t0, 3), "tokenizer_wait_s": round(t2 - t1, 3),
                                  "t5_encode_s": round(time.perf_counter() - t2, 3), "prompts_encoded": len(todo)})  # fmt: skip
         out = []
         for p in prompts:
-            self._texts.move_to_end(("t5", p))
-            out.append(self._texts[("t5", p)])
+            self._texts.move_to_end(p)
+            out.append(self._texts[p])
         while len(self._texts) > TEXT_CACHE:
             self._texts.popitem(last=False)
         return out

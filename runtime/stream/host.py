@@ -34,13 +34,17 @@ class DoneEvent:
         return True
 
 
+CUDA_HOST_REGISTER_PORTABLE = 0x01
+CUDA_HOST_REGISTER_READ_ONLY = 0x08  # the device only reads it: allowed on read-only (file) mappings
+
+
 def host_alloc(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
     """An aligned uint8 buffer; page-locked when ``pin`` (returns whether that worked)."""
     buf = aligned_empty(nbytes)
     if not pin:
         return buf, False
     cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), 1)  # portable: pinned for every context, any thread
+    err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), CUDA_HOST_REGISTER_PORTABLE)  # any context, any thread
     return buf, int(err) == 0  # registered: the driver copies from it asynchronously, like any pinned memory
 
 
@@ -127,10 +131,6 @@ class HostTier:
         self.cached_ready.clear()
 
 
-CUDA_HOST_REGISTER_PORTABLE = 0x01
-CUDA_HOST_REGISTER_READ_ONLY = 0x08  # the device only reads it: allowed on read-only (file) mappings
-
-
 class ShardMaps:
     """Read-only mappings of whole shards: a unit's host bytes are the page cache's own pages, never a copy.
 
@@ -144,7 +144,7 @@ class ShardMaps:
     def __init__(self, pin: bool):
         self.pin = pin
         self._maps: dict[Path, tuple[mmap.mmap, int, int]] = {}  # path -> (mapping, address, size)
-        self._registered: list[int] = []
+        self._registered: set[int] = set()
         self.registered_bytes = 0
         self.register_error: str | None = None
         self._lock = threading.Lock()
@@ -172,7 +172,7 @@ class ShardMaps:
         err = torch.cuda.cudart().cudaHostRegister(view.data_ptr(), nbytes, flags)
         with self._lock:
             if int(err) == 0:
-                self._registered.append(view.data_ptr())
+                self._registered.add(view.data_ptr())
                 self.registered_bytes += nbytes
             else:
                 self.register_error = f"cudaHostRegister of a file mapping failed (error {int(err)})"

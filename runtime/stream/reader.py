@@ -290,12 +290,16 @@ class DiskReader:
         t0 = time.perf_counter()
         sf = req.shard
         want = max(0, min(length, req.expected - start))
-        if req.populate:
-            done = populate_range(req.dest, start, want, sf)
-            with self._stat_lock:
-                self.bytes_read += done
-                self.busy_s += time.perf_counter() - t0
-            return done
+        done = populate_range(req.dest, start, want, sf) if req.populate else self._pread(req, start, length, want)
+        with self._stat_lock:
+            self.bytes_read += done
+            self.busy_s += time.perf_counter() - t0
+        return min(done, want)
+
+    @staticmethod
+    def _pread(req: ReadRequest, start: int, length: int, want: int) -> int:
+        """Positioned reads of one chunk into the request's buffer; the page cache dropped behind buffered ones."""
+        sf = req.shard
         view = memoryview(req.dest[start : start + length].numpy())
         if not sf.direct:
             view = view[:want]
@@ -307,10 +311,7 @@ class DiskReader:
             done += n
         if not sf.direct and not sf.keep_cache and want:
             os.posix_fadvise(sf.fd, req.offset + start, want, os.POSIX_FADV_DONTNEED)
-        with self._stat_lock:
-            self.bytes_read += done
-            self.busy_s += time.perf_counter() - t0
-        return min(done, want)
+        return done
 
     def close(self) -> None:
         """Stop the workers (chunks still queued are dropped); in-flight preads finish first."""
