@@ -174,49 +174,12 @@ def encoder_probe() -> dict:
     return out
 
 
-def pin_probe(pack: Path, shards: int = 10) -> dict:
-    """Page-locking page-cache mappings (what mapped mode does per unit) and copying from them, pinned vs pageable."""
-    import torch
-
-    from wanpack.runtime.stream.host import ShardMaps
-    from wanpack.runtime.stream.reader import open_shard, populate_range
-
-    files = [open_shard(p, None, direct=False) for p in sorted((pack / "dit").glob("block_*.safetensors"))[:shards]]
-    maps = ShardMaps(pin=True)
-    views = []
-    for sf in files:
-        sf.map_base = maps.base(sf.path, sf.fd, sf.size)
-        views.append(maps.view(sf.path, 0, sf.size))
-    total = sum(v.numel() for v in views)
-    dst = torch.empty(max(v.numel() for v in views), dtype=torch.uint8, device="cuda")
-    t = time.perf_counter()
-    for v, sf in zip(views, files, strict=True):
-        populate_range(v, 0, v.numel(), sf)
-    populate_s = time.perf_counter() - t
-
-    def copy_all() -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for v in views:
-            dst[: v.numel()].copy_(v, non_blocking=True)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    pageable_s = copy_all()
-    t = time.perf_counter()
-    for v in views:
-        maps.register(v)
-    register_s = time.perf_counter() - t
-    pinned_s = copy_all()
-    t = time.perf_counter()
-    maps.close()
-    unregister_s = time.perf_counter() - t
-    for sf in files:
-        os.close(sf.fd)
-    gb = total / 1e9
-    return {"gb": round(gb, 2), "populate_gbps": round(gb / populate_s, 2), "register_gbps": round(gb / register_s, 2),
-            "unregister_gbps": round(gb / unregister_s, 2), "h2d_pageable_gbps": round(gb / pageable_s, 2),
-            "h2d_pinned_gbps": round(gb / pinned_s, 2), "register_error": maps.register_error}  # fmt: skip
+def page_probe(pack: Path, shards: int = 10) -> dict:
+    """benchmarks/page_probe.py on the first DiT shards: ways of bringing page-cached bytes to the GPU, side by side."""
+    paths = sorted((pack / "dit").glob("block_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))[:shards]
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("page_probe.py")), *map(str, paths)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def startup_floor() -> float:
@@ -311,14 +274,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="DiT blocks (default: all 40)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--skip-720p", action="store_true")
-    ap.add_argument("--pin-probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--floors", nargs=4, type=int, metavar=("H", "W", "FRAMES", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     pack = args.work / "pack"
-    if args.pin_probe:
-        print(json.dumps(pin_probe(pack)))
-        return
     if args.floors:
         print(json.dumps(floors(pack, *args.floors)))
         return
@@ -343,9 +302,7 @@ def main() -> None:
     result["raw_read"] = step("raw read", lambda: raw_read_rate(pack))
     result["startup_floor_s"] = step("startup floor", startup_floor)
     result["encoder_probe"] = step("video encoder probe", encoder_probe)
-    proc = step("pin probe", lambda: subprocess.run([sys.executable, __file__, "--work", str(args.work), "--pin-probe"],
-                                                    capture_output=True, text=True, check=True))  # fmt: skip
-    result["pin_probe"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc else None
+    result["page_probe"] = step("page probe", lambda: page_probe(pack))
     sizes = [("480p", 480, 832)] + ([] if args.skip_720p else [("720p", 720, 1280)])
     result["floors"] = {}
     for label, h, w in sizes:
@@ -391,8 +348,8 @@ def print_table(result: dict) -> None:
     print(f"\n{fl.get('480p', {}).get('device', '?')}, 14B T2V int8 random weights, distill 4 steps, 81 frames, "
           f"--vram-budget 8; pack {result.get('pack_bytes', 0) / 1e9:.1f} GB; raw O_DIRECT read {raw:.2f} GB/s; "
           f"bare python+torch+CUDA start {start:.2f} s")  # fmt: skip
-    if result.get("pin_probe"):
-        print(f"pin probe: {result['pin_probe']}")
+    for row in (result.get("page_probe") or {}).get("rows", []):
+        print(f"page probe: {row}")
     for label, f in fl.items():
         print(f"floors {label}: T5 fwd {f['t5_forward_s']:.3f} s, DiT fwd {f['dit_forward_s']:.3f} s (x4 "
               f"{f['dit_steps_s']:.2f}), VAE decode {f['vae_decode_s']:.2f} s")  # fmt: skip
