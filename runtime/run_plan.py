@@ -52,11 +52,12 @@ class EncoderPlan:
     reason: str
 
     def options(self, direct_io: bool) -> StreamOptions:
-        """Stream options; through the page cache the blocks are mapped (and stay mapped while the engine lives).
+        """Stream options; through the page cache the blocks are mapped (and stay mapped while the engine lives) and
+        page-locked where they lie, so the copies to the GPU are asynchronous DMA at the link's rate.
 
-        Blocks read once (one job) are copied from pageable memory rather than page-locked: locking file pages ran at
-        about 4-5 GB/s on the H200 host (measured 2026-12-01: 19 GB of pins cost the warm run ~4 s), while the
-        driver's pageable path moves 6.5-7.5 GB/s, and the DiT's cache needs the locking bandwidth at the same time.
+        Blocks read once are page-locked too: on the H200 host (2026-12-01, benchmarks/page_probe.py) locking a fresh
+        mapping of cached pages ran at 30-40 GB/s on a disk worker, while copies from pageable memory ran at 7-8 GB/s
+        and held the main thread for their whole length (0.6 s of the T5's 4.6 GB per run).
         """
         n_blocks = max(1, self.block_bytes // max(self.unit_bytes, 1))
         streamed = self.granularity != "model"
@@ -64,7 +65,7 @@ class EncoderPlan:
         return StreamOptions(granularity=self.granularity, device_slots=self.device_slots if streamed else 1,
                              prefetch=self.device_slots - 1 if streamed else 0, host_slots=self.host_slots,
                              cache_units=list(range(n_blocks)) if cached else [], disk_workers=DISK_WORKERS,
-                             direct_io=direct_io, mapped=not direct_io, pin_mapped=self.cache == "all",
+                             direct_io=direct_io, mapped=not direct_io,
                              priority=ENCODER_PRIORITY)  # fmt: skip
 
 
