@@ -309,3 +309,21 @@ def test_video_size_limits_touch_no_gpu_and_count_what_is_held(monkeypatch):
     run_limits.check_video_size(81, 480, 832, ram_budget_gib=budget, on_gpu=True)
     with pytest.raises(UsageError, match="1024"):
         run_limits.check_video_size(81, 16400, 832, on_gpu=True)
+
+
+def test_the_console_command_ends_with_everything_written(packs, tmp_path):
+    """`python -m wanpack run` ends the process right after the command (no interpreter teardown): the JSON on stdout,
+    the video and its sidecar must all be complete by then; a failing run still exits non-zero with its error line."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "v.mp4"
+    cmd = [sys.executable, "-m", "wanpack", "run", "--pack", str(packs["t2v"]), "--prompt", "a fox", "--out", str(out),
+           "--frames", "5", "--height", "32", "--width", "32", "--steps", "1", "--device", "cpu", "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["video"] == str(out) and read_video_info(out)[:3] == (5, 32, 32)
+    assert json.loads(out.with_suffix(".json").read_text())["seed"] == record["seed"]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # the output exists, no --overwrite
+    assert again.returncode != 0 and "error:" in again.stderr and again.stdout == ""

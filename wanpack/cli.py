@@ -5,10 +5,14 @@ Exit codes: 0 ok, 1 error (a failed `verify` included), 2 usage, 130 interrupted
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 from wanpack import __version__
 from wanpack.commands import bench, convert, download, inspect, plan, run, serve, synth, verify
+from wanpack.commands._common import fast_exit_allowed
 
 app = typer.Typer(
     name="wanpack",
@@ -37,8 +41,16 @@ for _module in (download, synth, convert, inspect, verify, plan, run, serve, ben
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. After a command that allowed it (see ``allow_fast_exit``), the process ends
+    right away with the command's exit code, once stdout and stderr are flushed."""
+    try:
+        app()
+    except SystemExit as exc:
+        if fast_exit_allowed() and (exc.code is None or isinstance(exc.code, int)):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code or 0)
+        raise
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from wanpack.commands._common import DeviceOption, RamBudget, VramBudget, budget_gib, guarded
+from wanpack.commands._common import DeviceOption, RamBudget, VramBudget, allow_fast_exit, budget_gib, guarded
 from wanpack.commands._progress import RunReporter
 from wanpack.output import err, human_bytes, out, print_json
 
@@ -108,6 +108,7 @@ def run(
     request = RunRequest(pack=pack, prompt=prompt, out=out_path, config=cfg, image=image, device=device,
                          synthetic=synthetic, command=command, overwrite=overwrite, config_file=config)  # fmt: skip
     record = run_pipeline(request, RunReporter(quiet=json_out))
+    allow_fast_exit()  # the session is closed: video, sidecar and pack pin are all done
     if json_out:
         print_json(record.to_dict())
         return
@@ -136,6 +137,7 @@ def _run_batch(pack: Path, prompts: Path, out_dir: Path, preset, config, overrid
                 continue
             if not json_out:
                 out.print(summary_line(records[-1], synthetic), soft_wrap=True, markup=False)
+    allow_fast_exit()
     if json_out:
         print_json([r.to_dict() for r in records])
     if failed:
