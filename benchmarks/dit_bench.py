@@ -157,7 +157,7 @@ def time_linears(cfg, w, n: int, dev, opts, iters: int) -> float:
     names = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o", "ffn.0"]
 
     def run():
-        for s in dit._chunks(n, opts.chunk_tokens):
+        for s in dit.token_chunks(n, opts.chunk_tokens):
             rows = s.stop - s.start
             for name in names:
                 dit._lin(w, name, x[:rows])
@@ -184,7 +184,7 @@ def wired_pass(cfg, w, n: int, dev, opts):
     groups = [("self_attn.k", "self_attn.v"), ("self_attn.q",), ("ffn.0",)]
 
     def run():
-        for s in dit._chunks(n, opts.chunk_tokens):
+        for s in dit.token_chunks(n, opts.chunk_tokens):
             rows = s.stop - s.start
             for names in groups:
                 xn = dit._modulated_norm_for(w, names, x[:, :rows], shift, scale, cfg.eps, opts)

@@ -79,7 +79,7 @@ def test_chunked_rope_is_bit_exact():
     cos, sin = dit.rope_tables((3, 6, 8), cfg.head_dim)
     q = torch.randn(2, 144, cfg.num_heads, cfg.head_dim)
     whole = apply_rope(q, cos, sin)
-    parts = torch.cat([apply_rope(q[:, s], cos[s], sin[s]) for s in dit._chunks(144, 10)], dim=1)
+    parts = torch.cat([apply_rope(q[:, s], cos[s], sin[s]) for s in dit.token_chunks(144, 10)], dim=1)
     assert torch.equal(whole, parts)
 
 
@@ -175,3 +175,11 @@ def test_shared_activation_quantization_is_bit_identical(scheme, backend, monkey
     ref = dit.block_forward(w, x.clone(), e0, rope, kv_ref, cfg, opts)
     assert len(calls) == 3 * 8
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize(("n", "size"), [(0, 4), (1, 8192), (10, 4), (8192, 8192), (8193, 8192), (32760, 8192), (75600, 8192)])
+def test_token_chunks_cover_every_token_once_in_the_fewest_equal_chunks(n, size):
+    chunks = list(dit.token_chunks(n, size))
+    assert [t for s in chunks for t in range(s.start, s.stop)] == list(range(n))
+    assert len(chunks) == -(-n // size) and all(s.stop - s.start <= size for s in chunks)
+    assert len({s.stop - s.start for s in chunks[:-1]}) <= 1  # all but the last are one length

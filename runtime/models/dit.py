@@ -71,9 +71,16 @@ def _lin(w: Weights, name: str, x: Activation) -> torch.Tensor:
     return apply_linear(w, name, x, "dit", bias=True)  # every Wan DiT Linear has a bias
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
+def token_chunks(n: int, size: int) -> Iterator[slice]:
+    """Slices over n tokens, as few as chunks of at most ``size`` allow, all of one length (the last may be shorter
+    by the remainder): 32760 tokens by 8192 are four chunks of 8190, not three of 8192 and one of 8184. Equal chunks
+    mean one attention shape per kind and per resolution, so cuDNN plans each once instead of twice."""
+    if n <= 0:
+        return
+    count = -(-n // max(1, size))
+    step = -(-n // count)
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
 
 
 def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
@@ -232,12 +239,12 @@ def self_attn_phase(w: Weights, x: torch.Tensor, e0: torch.Tensor, rope: tuple[t
     cos, sin = rope
     k = torch.empty((b, n, heads, hd), dtype=opts.dtype, device=x.device)
     v = torch.empty_like(k)
-    for s in _chunks(n, opts.chunk_tokens):
+    for s in token_chunks(n, opts.chunk_tokens):
         xn = _modulated_norm_for(w, ("self_attn.k", "self_attn.v"), x[:, s], shift, scale, cfg.eps, opts)
         k[:, s] = _qk_norm(_lin(w, "self_attn.k", xn), w["self_attn.norm_k.weight"], cfg, opts, (cos[s], sin[s]))
         v[:, s] = _lin(w, "self_attn.v", xn).unflatten(-1, (heads, hd))
     prepared = {}  # K/V as a quantizing attention backend preprocesses them: once for all query chunks
-    for s in _chunks(n, opts.chunk_tokens):
+    for s in token_chunks(n, opts.chunk_tokens):
         xn = _modulated_norm_for(w, ("self_attn.q",), x[:, s], shift, scale, cfg.eps, opts)
         q = _qk_norm(_lin(w, "self_attn.q", xn), w["self_attn.norm_q.weight"], cfg, opts, (cos[s], sin[s]))
         o = attention(q, k, v, prepared).flatten(2)
@@ -266,7 +273,7 @@ def cross_attn_phase(w: Weights, x: torch.Tensor, kv: CrossKV, cfg: DiTConfig, o
 
     i2v: one query attends the text and the image keys separately; the two outputs are summed before ``o``.
     """
-    for s in _chunks(x.shape[1], opts.chunk_tokens):
+    for s in token_chunks(x.shape[1], opts.chunk_tokens):
         xn = _norm_for(w, ("cross_attn.q",), x[:, s], cfg.eps, opts, weight=w["norm3.weight"], bias=w["norm3.bias"])
         q = _qk_norm(_lin(w, "cross_attn.q", xn), w["cross_attn.norm_q.weight"], cfg, opts)
         o = attention(q, kv.k, kv.v)
@@ -278,7 +285,7 @@ def cross_attn_phase(w: Weights, x: torch.Tensor, kv: CrossKV, cfg: DiTConfig, o
 def ffn_phase(w: Weights, x: torch.Tensor, mod: Modulation, cfg: DiTConfig, opts: DiTOptions) -> None:
     """x += ffn(LN(x) * (1 + scale) + shift) * gate, in place, chunked; ffn = Linear -> GELU(tanh) -> Linear."""
     shift, scale, gate = mod[3], mod[4], mod[5]
-    for s in _chunks(x.shape[1], opts.chunk_tokens):
+    for s in token_chunks(x.shape[1], opts.chunk_tokens):
         xn = _modulated_norm_for(w, ("ffn.0",), x[:, s], shift, scale, cfg.eps, opts)
         h = F.gelu(_lin(w, "ffn.0", xn), approximate="tanh")
         del xn
@@ -302,7 +309,7 @@ def head(nb: Weights, x: torch.Tensor, e: torch.Tensor, cfg: DiTConfig, opts: Di
     shift, scale = (nb["head.modulation"].to(opts.hi) + e[:, None].to(opts.hi)).chunk(2, dim=1)
     hi_opts = DiTOptions(dtype=opts.hi, chunk_tokens=opts.chunk_tokens)
     out = torch.empty((*x.shape[:2], nb["head.head.weight"].shape[0]), dtype=opts.hi, device=x.device)
-    for s in _chunks(x.shape[1], opts.chunk_tokens):
+    for s in token_chunks(x.shape[1], opts.chunk_tokens):
         out[:, s] = _lin(nb, "head.head", _modulated_norm(x[:, s], shift, scale, cfg.eps, hi_opts))
     return out
 

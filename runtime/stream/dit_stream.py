@@ -47,7 +47,8 @@ def streamed_forward(engine: StreamEngine, cfg: DiTConfig, latents: torch.Tensor
                      clip: torch.Tensor | None = None, y: torch.Tensor | None = None,
                      kv_cache: dict | None = None, opts: dit.DiTOptions | None = None,
                      residual_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
-    """Velocity prediction with blocks streamed by ``engine``; arguments and result as ``dit.forward``."""
+    """Velocity prediction with blocks streamed by ``engine``; arguments and result as ``dit.forward`` (``kv_cache``
+    also keeps the RoPE tables between steps, under "rope")."""
     opts = opts or dit.DiTOptions()
     kv_cache = {} if kv_cache is None else kv_cache
     nb = engine.resident
@@ -55,7 +56,9 @@ def streamed_forward(engine: StreamEngine, cfg: DiTConfig, latents: torch.Tensor
         latents = torch.cat([latents, y.to(latents.dtype)], dim=1)
     x, grid = dit.embed_patches(nb, latents, cfg, opts, residual_dtype)
     e, e0 = dit.time_embedding(nb, t, cfg, opts)
-    cos, sin = rope_tables(grid, cfg.head_dim, dtype=opts.hi, device=x.device)
+    if kv_cache.get("rope", (None,))[0] != grid:  # the same every step: computed once per sampling run
+        kv_cache["rope"] = (grid, *rope_tables(grid, cfg.head_dim, dtype=opts.hi, device=x.device))
+    _, cos, sin = kv_cache["rope"]
     ctx: list[torch.Tensor] = []
 
     def context_fn() -> torch.Tensor:
