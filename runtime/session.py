@@ -25,6 +25,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from wanpack.errors import UsageError, WanpackError
 from wanpack.manifests.arch import VAEConfig, config_from_dict
 from wanpack.manifests.pack_lock import pinned_pack
 from wanpack.manifests.run_config import RunConfig
+from wanpack.runtime.kernel_warmup import KernelWarmup, attention_shapes, prime_attention
 from wanpack.runtime.ops.devices import wait_for_gpu
 from wanpack.runtime.pack import PackComponent
 from wanpack.runtime.run_plan import DISK_WORKERS, RunPlan, plan_run
@@ -112,6 +114,10 @@ def prepare_device(requested: str | None) -> tuple[torch.device, bool]:
 
     apply_alloc_conf()
     device = select_device(requested)
+    if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        # the GPU does the work; torch's CPU thread pool only spun between the few small host ops (measured on an
+        # H200 host: 4.2 s of CPU and 0.6 s of wall in one 480p run). OMP_NUM_THREADS set by the user wins.
+        torch.set_num_threads(1)
     return device, (blocking_sync() if device.type == "cuda" else False)
 
 
@@ -134,6 +140,8 @@ class Session:
         self.reader = DiskReader(DISK_WORKERS)
         self._dit: StreamEngine | None = None
         self._dit_key: str | None = None
+        self._dit_build: Future | None = None  # the DiT engine being built beside the encoders
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="wanpack-build")
         self._encoders: dict[str, StreamEngine] = {}
         self._encoder_keys: dict[str, tuple] = {}
         self._texts: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()  # prompt -> T5 output
@@ -141,6 +149,8 @@ class Session:
         self._vae: tuple[dict[str, torch.Tensor], VAEConfig] | None = None
         self._last_decode_s: float | None = None
         self._plan: RunPlan | None = None
+        self._warmup: KernelWarmup | None = None  # started with the first job's plan (CUDA only)
+        self._primed: set[tuple[int, tuple[int, int]]] = set()  # (batch, attention shape) planned on this thread
         self._tokenizer_thread = threading.Thread(target=self._load_tokenizer, daemon=True)
         self._tokenizer_thread.start()  # ~0.3 s for umt5's 256k vocabulary, off the critical path
         self.jobs_done = 0
@@ -150,6 +160,9 @@ class Session:
     # ------------------------------------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):  # a build that failed has nothing to close; its error was raised
+            self._take_dit()
+        self._builder.shutdown(wait=True)
         for eng in [self._dit, *self._encoders.values()]:
             if eng is not None:
                 eng.close()
@@ -180,6 +193,8 @@ class Session:
                         height=checked.height, task=checked.task, batch=batch, jobs=self.jobs)  # fmt: skip
         self._plan = plan
         if self.device.type == "cuda":
+            if self._warmup is None:
+                self._warmup = KernelWarmup(self.manifest, self.device, plan.dit.tokens, self.dtype)
             torch.cuda.reset_peak_memory_stats(self.device)
         io_before = _process_read_bytes()
         self.details = {"process_age_at_session_s": self.started_at_age_s}
@@ -196,10 +211,10 @@ class Session:
             self._told_random = True
         progress("plan", {"text": plan.summary(), "notes": plan.notes, "job": job.label})
         with timer.stage("setup"):
-            dit = self._dit_engine(plan)
+            self._start_dit_engine(plan)
         progress("stage", {"name": "text", "device": plan.encoders["t5"].device})
         with timer.stage("text"):
-            texts = self._encode_text(job, plan)
+            texts = self._encode_text(job, plan, lambda: self._prime_attention(plan, checked.task, batch))
         self._clean(cfg)
         clip = y = None
         if checked.task == "i2v":
@@ -210,6 +225,9 @@ class Session:
         self._release_encoders()
         progress("stage", {"name": "denoise", "steps": cfg.steps, "eta_after_s": self._last_decode_s})
         with timer.stage("denoise"):
+            t = time.perf_counter()
+            dit = self._take_dit()
+            self.details["dit_engine_wait_s"] = round(time.perf_counter() - t, 3)
             latent = self._denoise(dit, plan, checked, cfg, texts, clip, y, seed, progress)
         del texts, clip, y
         if self.jobs == 1:
@@ -234,6 +252,8 @@ class Session:
                      "storage_bytes_read": _process_read_bytes() - io_before if io_before is not None else None,
                      "blocking_sync": self.blocking_sync}  # fmt: skip
         record.backends = self._backends()
+        if self._warmup is not None:
+            self.details["kernel_warmup"] = {"seconds": self._warmup.seconds, "error": self._warmup.error}
         record.details = {**self.details, "process_age_at_end_s": process_age_s(), "thread_cpu_s": thread_cpu_seconds()}
         record.finish(timer)
         write_sidecar(sidecar_path(job.out), record)
@@ -243,20 +263,43 @@ class Session:
 
     # ------------------------------------------------------------------------------------------------ stages
 
-    def _dit_engine(self, plan: RunPlan) -> StreamEngine:
-        """The DiT engine for this plan: kept from the last job when the plan is the same, else built anew. Its cache
-        reads are queued before the encoders start, at a lower priority, so step 1 mostly finds its blocks in RAM."""
+    def _start_dit_engine(self, plan: RunPlan) -> None:
+        """The DiT engine for this plan: kept from the last job when the plan is the same, else built on a thread
+        while the encoders run (its resident weights load, its device slots are taken, and its cache reads are
+        queued behind the encoders' at a lower priority, so step 1 mostly finds its blocks in RAM)."""
         key = repr(asdict(plan.dit_options))
         if self._dit is not None and self._dit_key == key:
-            return self._dit
+            return
         self._close_dit()
-        self._dit = StreamEngine(PackComponent(self.pack, "dit", self.manifest), plan.dit_options, self.device,
-                                 reader=self.reader)  # fmt: skip
+
+        def build() -> StreamEngine:
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                engine = StreamEngine(PackComponent(self.pack, "dit", self.manifest), plan.dit_options, self.device,
+                                      reader=self.reader)  # fmt: skip
+                try:
+                    engine.prefetch_cache()
+                except BaseException:
+                    engine.close()
+                    raise
+                return engine
+
         self._dit_key = key
-        self._dit.prefetch_cache()
+        self._dit_build = self._builder.submit(build)
+
+    def _take_dit(self) -> StreamEngine | None:
+        """The DiT engine, once its build (if one is running) has finished; a failed build raises here."""
+        if self._dit_build is not None:
+            build, self._dit_build = self._dit_build, None
+            try:
+                self._dit = build.result()
+            except BaseException:
+                self._dit_key = None
+                raise
         return self._dit
 
     def _close_dit(self) -> None:
+        with contextlib.suppress(Exception):
+            self._take_dit()
         if self._dit is not None:
             self._dit.close()
             self._dit = None
@@ -318,7 +361,25 @@ class Session:
             raise self._tokenizer
         return self._tokenizer
 
-    def _encode_text(self, job: Job, plan: RunPlan) -> list[torch.Tensor]:
+    def _wait_warmup(self, stage: str) -> None:
+        """The kernels of ``stage`` ready (see runtime/kernel_warmup.py); the wait is recorded."""
+        if self._warmup is not None:
+            self.details[f"kernel_warmup_wait_{stage}_s"] = round(self._warmup.wait(stage), 3)
+
+    def _prime_attention(self, plan: RunPlan, task: str, batch: int) -> None:
+        """cuDNN's plans for the DiT's attention shapes, built on this thread while it waits for the text encoder's
+        kernels (see kernel_warmup.prime_attention); once per set of shapes in a session."""
+        if self.device.type != "cuda" or plan.dit is None:
+            return
+        cfg = config_from_dict(self.manifest.component("dit").config)
+        context = (cfg.text_len, cfg.image_tokens) if task == "i2v" else (cfg.text_len,)
+        shapes = [s for s in attention_shapes(plan.dit.tokens, plan.ffn_chunk, context) if (batch, s) not in self._primed]
+        if shapes:
+            seconds = prime_attention(shapes, batch, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
+            self.details["attention_prime_s"] = round(seconds, 3)
+            self._primed.update((batch, s) for s in shapes)
+
+    def _encode_text(self, job: Job, plan: RunPlan, while_waiting: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
         """T5 output for [prompt] (+ negative prompt with CFG), [L_i, 4096] each, on the session's device.
 
         Embeddings of prompts seen before in this session are reused (a CFG job's negative prompt always is)."""
@@ -330,9 +391,12 @@ class Session:
 
             t0 = time.perf_counter()
             eng = self._encoder_engine("t5", plan)
+            eng.prefetch_cache()  # its first reads start now, beside the work below
             t1 = time.perf_counter()
             tokenizer = self._tokens()
             t2 = time.perf_counter()
+            while_waiting()
+            self._wait_warmup("encoders")
             enc_dtype = self.dtype if plan.encoders["t5"].device == "cuda" else torch.float32
             for p, emb in zip(todo, encode_text(eng, tokenizer, todo, enc_dtype), strict=True):
                 self._texts[p] = emb.to(self.device)
@@ -378,6 +442,7 @@ class Session:
                  progress: Progress) -> torch.Tensor:  # fmt: skip
         from wanpack.runtime.pipeline import sample
 
+        self._wait_warmup("dit")
         marks = [time.perf_counter()]
 
         def report(event: str, info: dict) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -264,6 +265,9 @@ GEMM_CHOICES = ("auto", *BACKENDS)
 
 _forced: str | None = None
 _chosen: dict[tuple[torch.dtype, torch.device], GemmBackend] = {}
+# Quantized linears from two threads (a session's kernel warm-up beside the main thread) take turns: Triton's
+# autotuner keeps per-call state on the kernel object, and a backend is chosen (self-checked) once, not twice.
+_GEMM_LOCK = threading.RLock()
 
 
 def set_gemm_backend(name: str | None) -> None:
@@ -280,7 +284,9 @@ def gemm_backend(dtype: torch.dtype, device: torch.device | str) -> GemmBackend:
     device = concrete_device(device)
     key = (dtype, device)
     if key not in _chosen:
-        _chosen[key] = _choose(dtype, device)
+        with _GEMM_LOCK:
+            if key not in _chosen:
+                _chosen[key] = _choose(dtype, device)
     return _chosen[key]
 
 
@@ -340,7 +346,9 @@ def linear(x: Activation, weight: torch.Tensor, bias: torch.Tensor | None = None
         w = weight.to(dtype) if scale is None else (weight.float() * scale.float()).to(dtype)
         return torch.nn.functional.linear(plain, w, None if bias is None else bias.to(dtype))
     a = x if isinstance(x, QuantizedActivation) else x.reshape(-1, x.shape[-1])
-    y = gemm_backend(weight.dtype, device).run(a, weight, scale, bias)
+    backend = gemm_backend(weight.dtype, device)
+    with _GEMM_LOCK:
+        y = backend.run(a, weight, scale, bias)
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -1,0 +1,133 @@
+"""Kernel warm-up on a side thread, so a run's first layers do not pay for getting their kernels ready.
+
+The first call of each Triton kernel in a process costs far more than the kernel: importing triton, hashing
+Triton's own sources for its cache key, looking the compiled binary up on disk and loading it, and choosing the
+GEMM backend (a self-check on the GPU). Measured on an H200 (py-spy, 2026-12-01) that was ~1.2 s of the text phase
+and ~0.3 s of the first denoising step. A session starts this thread as it opens; it runs while the pack's first
+bytes are read and the tokenizer loads, and the main thread waits for it only where it needs the kernels.
+
+Two stages, so the text encoder never waits for the DiT's kernels: ``encoders`` (backend choice, the encoders'
+GEMM shapes) then ``dit`` (the DiT's GEMM shapes at its token count, the fused norms' self-checks at its width).
+Nothing here can fail a run: an error is recorded and the kernels are then simply prepared at first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import torch
+
+from wanpack.manifests.format import Manifest
+
+ENCODER_ROWS = {"t5": 512, "clip": 257}  # tokens per encoder call (the T5 pads to 512; CLIP sees 257 patches)
+CONTEXT_ROWS = 512  # the DiT's cross-attention keys/values come from the 512 text tokens
+QUANTIZED = {"I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn}  # manifest dtype names of quantized weights
+
+
+def gemm_shapes(manifest: Manifest, component: str) -> set[tuple[int, int, torch.dtype]]:
+    """Distinct (out, in, dtype) of the quantized 2-D weights in a component's blocks."""
+    entry = manifest.components.get(component)
+    if entry is None:
+        return set()
+    return {(int(t.shape[0]), int(t.shape[1]), QUANTIZED[t.dtype]) for shard in entry.shards for t in shard.tensors
+            if t.quantized and t.block is not None and t.dtype in QUANTIZED and len(t.shape) == 2}  # fmt: skip
+
+
+def warm_rows(tokens: int) -> int:
+    """Rows that land in the same GEMM tuning bucket as ``tokens`` rows (the int8 kernel buckets M by powers of two
+    up to 8192), but no more than needed, to keep the warm-up's scratch memory small."""
+    bucket = min(1 << max(0, tokens - 1).bit_length(), 8192)
+    return min(tokens, bucket // 2 + 1) if bucket > 1 else 1
+
+
+class KernelWarmup:
+    """Prepares the kernels a run on ``device`` will use; ``wait(stage)`` blocks until that stage is done."""
+
+    def __init__(self, manifest: Manifest, device: torch.device, dit_tokens: int | None, dtype: torch.dtype):
+        self.manifest, self.device, self.dit_tokens, self.dtype = manifest, device, dit_tokens, dtype
+        self.seconds: dict[str, float] = {}
+        self.error: str | None = None
+        self._stages = {"encoders": threading.Event(), "dit": threading.Event()}
+        self._thread = threading.Thread(target=self._run, name="wanpack-warmup", daemon=True)
+        self._thread.start()
+
+    def wait(self, stage: str) -> float:
+        """Block until ``stage`` is ready; returns the seconds waited."""
+        t = time.perf_counter()
+        self._stages[stage].wait()
+        return time.perf_counter() - t
+
+    def _run(self) -> None:
+        from wanpack.runtime.stream.reader import name_thread
+
+        name_thread("wanpack-warmup")
+        t0 = time.perf_counter()
+        try:
+            on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+            with torch.inference_mode(), on_device:
+                for name, rows in ENCODER_ROWS.items():
+                    for out, inp, qdtype in sorted(gemm_shapes(self.manifest, name), key=str):
+                        self._gemm(rows, out, inp, qdtype)
+                self.seconds["encoders"] = round(time.perf_counter() - t0, 3)
+                self._stages["encoders"].set()
+                self._warm_dit()
+        except Exception as exc:  # noqa: BLE001 - a warm-up never fails a run; first use prepares the kernel instead
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            for event in self._stages.values():
+                event.set()
+            self.seconds["total"] = round(time.perf_counter() - t0, 3)
+
+    def _warm_dit(self) -> None:
+        from wanpack.runtime.ops.norms import fused_norm_quant, fused_norms
+
+        shapes = gemm_shapes(self.manifest, "dit")
+        for rows in sorted({self.dit_tokens or CONTEXT_ROWS, CONTEXT_ROWS}):
+            for out, inp, qdtype in sorted(shapes, key=str):
+                self._gemm(rows, out, inp, qdtype)
+        entry = self.manifest.components.get("dit")
+        width = int(entry.config.get("dim", 0)) if entry is not None else 0
+        if fused_norms(self.device) and width:
+            fused_norm_quant(self.device, width)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _gemm(self, tokens: int, out: int, inp: int, qdtype: torch.dtype) -> None:
+        """One quantized linear of the given shape on zeros, through the backend the run will use."""
+        from wanpack.runtime.ops.linear import linear
+
+        rows = warm_rows(tokens)
+        x = torch.zeros((rows, inp), dtype=self.dtype, device=self.device)
+        w = torch.zeros((out, inp), dtype=torch.int8, device=self.device).to(qdtype)
+        scale = torch.ones((out, 1), dtype=torch.float32, device=self.device)
+        linear(x, w, None, scale)
+
+
+def attention_shapes(tokens: int, chunk: int, context: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(query rows, key rows) of every attention call one DiT forward makes: the query chunks against the whole
+    sequence (self-attention) and against each context (text, and image for i2v)."""
+    from wanpack.runtime.models.dit import token_chunks
+
+    queries = sorted({s.stop - s.start for s in token_chunks(tokens, chunk)})
+    return [(q, k) for q in queries for k in (tokens, *context)]
+
+
+def prime_attention(shapes: list[tuple[int, int]], batch: int, heads: int, head_dim: int, dtype: torch.dtype,
+                    device: torch.device) -> float:  # fmt: skip
+    """Call attention once per (query rows, key rows) on zeros laid out as the DiT lays them out; returns seconds.
+
+    PyTorch keeps cuDNN's attention plans in a per-thread cache and builds one the first time a thread meets a
+    shape, so this runs on the thread that will sample, while it would otherwise wait (the text phase).
+    """
+    from wanpack.runtime.ops.attention import attention
+
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for rows, keys in shapes:
+            q = torch.zeros((batch, rows, heads, head_dim), dtype=dtype, device=device)
+            kv = torch.zeros((batch, keys, heads, head_dim), dtype=dtype, device=device)
+            attention(q, kv, kv)
+            del q, kv
+    return time.perf_counter() - t
