@@ -210,3 +210,18 @@ def test_a_tokenizer_linked_outside_the_pack_is_refused_even_when_unlisted(pack,
     res = run("run", "--pack", copy, "--prompt", "a fox", "--out", tmp_path / "v.mp4", *SMALL)
     assert res.exit_code == 1 and "outside the pack" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_kept_engines_lend_their_slots_to_the_decode_and_the_next_job_is_unchanged(pack, tmp_path):
+    """Between jobs the kept engines give their device slots to the VAE and take them back at their next forward;
+    the same job twice in one session yields the same latent, bit for bit."""
+    from safetensors.torch import load_file
+
+    job = {"prompt": "a fox", "seed": 4}
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {**job, "out": "a.mp4"}, {**job, "out": "b.mp4"})
+    res = run("run", "--pack", pack, "--prompts", jobs, "--out-dir", tmp_path / "v", "--json", "--save-latents", *SMALL)
+    assert res.exit_code == 0, res.output
+    records = json.loads(res.stdout)
+    assert all(r["details"]["slots_lent_to_vae_bytes"] > 0 for r in records)
+    a, b = (load_file(r["latents"])["latents"] for r in records)
+    assert torch.equal(a, b)

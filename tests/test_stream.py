@@ -302,3 +302,38 @@ def test_shared_reader_serves_two_engines_and_prefetch_fills_the_cache_first(pac
         assert reader.alive()  # engines closing does not stop a reader they share
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("opts", [{"mapped": True}, {"cache_units": [0, 1, 2]}, {}], ids=["mapped", "cached", "ring"])
+@pytest.mark.parametrize("gran", ["block", "phase"])
+def test_slots_given_back_between_forwards_come_back_and_copy_anew(packs, gran, opts):
+    """release_device frees the GPU slots for another stage (a session's decode); the next forward takes them again,
+    copies every unit anew and computes the same bits, whatever was arranged ahead for it before the release."""
+    pack = packs["by_block"]
+    ref = reference(pack, torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), 1)
+    units = PackComponent(pack).units(gran)
+    with StreamEngine(PackComponent(pack), StreamOptions(granularity=gran, prefetch=1, device_slots=2, host_slots=2,
+                                                         disk_workers=2, chunk_bytes=8192, **opts)) as eng:  # fmt: skip
+        slot_bytes = sum(s.numel() for s in eng.dev.slots)
+        released = False
+        for release in (False, True, True, False):
+            before = eng.stats()["h2d_bytes"]
+            x = torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0))
+            for unit, w in eng.forward():
+                x = block_fn(unit, w, x)
+            assert torch.equal(x, ref)
+            if released:  # nothing copied ahead survived the release: this forward copied every one of its units
+                assert eng.stats()["h2d_bytes"] - before >= sum(u.length for u in units)
+            released = release
+            if release:
+                assert eng.release_device() == slot_bytes and not eng.dev.holding
+                assert eng.release_device() == 0  # nothing left to give
+        assert eng.dev.holding
+
+
+def test_a_resident_model_keeps_its_slots(packs):
+    """With every unit in its own slot, giving the slots back would mean copying the whole model again: refused."""
+    with StreamEngine(PackComponent(packs["by_block"]), StreamOptions(granularity="model")) as eng:
+        for _unit, _w in eng.forward():
+            pass
+        assert eng.release_device() == 0 and eng.dev.holding

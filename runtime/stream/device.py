@@ -1,6 +1,7 @@
 """Device tier: K preallocated slots, a dedicated copy stream, and per-slot ready/free events.
 
-A slot's address never changes after construction (CUDA graphs captured over a slot stay valid). The copy of unit t
+A slot's address never changes while the slots are held (CUDA graphs captured over a slot stay valid); between jobs a
+session may drop them (``drop_slots``) so the VAE gets their memory, and the next forward takes them anew. The copy of unit t
 into slot t % K waits (on the GPU, not the CPU) for the "free" event the compute stream recorded after the slot's
 previous consumer, and records "ready" when done; compute waits for "ready". Nothing here synchronizes the device or
 calls record_stream. On the CPU path the same calls become a plain synchronous copy and always-complete events.
@@ -23,9 +24,11 @@ class DeviceTier:
         self.device = device
         self.cuda = device.type == "cuda"
         self.timeline = timeline
-        nbytes = (slot_bytes + 4095) // 4096 * 4096
-        self.slots = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(slots)]
-        self.owner: list[int | None] = [None] * slots  # unit index held (skip the copy when it is already there)
+        self.k = slots
+        self.slot_nbytes = (slot_bytes + 4095) // 4096 * 4096
+        self.slots: list[torch.Tensor] = []
+        self.owner: list[int | None] = []  # unit index held (skip the copy when it is already there)
+        self.take_slots()
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
             self.ready = [torch.cuda.Event() for _ in range(slots)]
@@ -41,7 +44,28 @@ class DeviceTier:
         self.bytes_copied = 0
 
     def __len__(self) -> int:
-        return len(self.slots)
+        return self.k
+
+    @property
+    def holding(self) -> bool:
+        return bool(self.slots)
+
+    def take_slots(self) -> None:
+        """Allocate the slots (at construction, and again after ``drop_slots``); they hold nothing yet."""
+        if not self.slots:
+            self.slots = [torch.empty(self.slot_nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.k)]
+            self.owner = [None] * self.k
+
+    def drop_slots(self) -> int:
+        """Free the slots' memory once the copies queued into them have run (work queued on the compute stream after
+        this may reuse it); returns the bytes freed."""
+        if not self.slots:
+            return 0
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        freed = sum(s.numel() for s in self.slots)
+        self.slots, self.owner = [], []
+        return freed
 
     def new_event(self):
         return torch.cuda.Event() if self.cuda else DoneEvent()

@@ -145,6 +145,7 @@ class StreamEngine:
     def forward(self) -> Iterator[tuple[Unit, Mapping[str, torch.Tensor]]]:
         """Yield (unit, block-relative weights) for one forward, in order. Use the weights before the next step."""
         self._check_open()
+        self.dev.take_slots()  # given back between jobs: taken again here, every unit copied anew
         done = False
         try:
             for _ in range(len(self.units)):
@@ -236,6 +237,21 @@ class StreamEngine:
             "graph_replays": self.graphs.replays if self.graphs else 0,
             "graph_captures": self.graphs.captures if self.graphs else 0,
         }  # fmt: skip
+
+    def release_device(self) -> int:
+        """Give the GPU slots back until the next forward, so another stage (a session's decode) can use the memory;
+        returns the bytes freed. Host-side state stays (mappings, locked pages, the host cache), so the next forward
+        only copies its units again, as a streamed forward does anyway. Nothing is freed when every unit has its own
+        slot (the model is resident: freeing would mean copying all of it again) or in graph mode (captured graphs
+        hold the slots' addresses)."""
+        self._check_open()
+        if self.dev is None or not self.dev.holding or self.graphs is not None or self.k % len(self.units) == 0:
+            return 0
+        self._abandon()  # drop what was arranged ahead for the next forward: it restarts at its first unit
+        if self._closed:
+            return 0
+        self._views.clear()
+        return self.dev.drop_slots()
 
     def timeline(self) -> list[dict]:
         return self.dev.timeline_ms() if self.dev else []
