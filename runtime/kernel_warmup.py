@@ -14,6 +14,8 @@ Nothing here can fail a run: an error is recorded and the kernels are then simpl
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import threading
 import time
 
@@ -47,7 +49,8 @@ class KernelWarmup:
 
     def __init__(self, manifest: Manifest, device: torch.device, dit_tokens: int | None, dtype: torch.dtype):
         self.manifest, self.device, self.dit_tokens, self.dtype = manifest, device, dit_tokens, dtype
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}  # when each stage ended, from the thread's start
+        self.steps: dict[str, float] = {}  # what each step took (the sidecar keeps both: where the time goes)
         self.error: str | None = None
         self._stages = {"encoders": threading.Event(), "dit": threading.Event()}
         self._thread = threading.Thread(target=self._run, name="wanpack-warmup", daemon=True)
@@ -67,9 +70,12 @@ class KernelWarmup:
         try:
             on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
             with torch.inference_mode(), on_device:
+                self._step("import", _import_kernels)
+                dtypes = {d for name in ("t5", "clip", "dit") for _, _, d in gemm_shapes(self.manifest, name)}
+                self._step("backend", lambda: [self._backend(d) for d in sorted(dtypes, key=str)])
                 for name, rows in ENCODER_ROWS.items():
                     for out, inp, qdtype in sorted(gemm_shapes(self.manifest, name), key=str):
-                        self._gemm(rows, out, inp, qdtype)
+                        self._step(f"{name} {rows}x{inp}->{out}", lambda a=(rows, out, inp, qdtype): self._gemm(*a))
                 self.seconds["encoders"] = round(time.perf_counter() - t0, 3)
                 self._stages["encoders"].set()
                 self._warm_dit()
@@ -86,13 +92,22 @@ class KernelWarmup:
         shapes = gemm_shapes(self.manifest, "dit")
         for rows in sorted({self.dit_tokens or CONTEXT_ROWS, CONTEXT_ROWS}):
             for out, inp, qdtype in sorted(shapes, key=str):
-                self._gemm(rows, out, inp, qdtype)
+                self._step(f"dit {rows}x{inp}->{out}", lambda a=(rows, out, inp, qdtype): self._gemm(*a))
         entry = self.manifest.components.get("dit")
         width = int(entry.config.get("dim", 0)) if entry is not None else 0
-        if fused_norms(self.device) and width:
-            fused_norm_quant(self.device, width)
+        self._step("norms", lambda: fused_norms(self.device) and width and fused_norm_quant(self.device, width))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _step(self, label: str, fn) -> None:
+        t = time.perf_counter()
+        fn()
+        self.steps[label] = round(time.perf_counter() - t, 3)
+
+    def _backend(self, qdtype: torch.dtype) -> str:
+        from wanpack.runtime.ops.linear import gemm_backend
+
+        return gemm_backend(qdtype, self.device).name
 
     def _gemm(self, tokens: int, out: int, inp: int, qdtype: torch.dtype) -> None:
         """One quantized linear of the given shape on zeros, through the backend the run will use."""
@@ -105,6 +120,12 @@ class KernelWarmup:
         linear(x, w, None, scale)
 
 
+def _import_kernels() -> None:
+    """Import triton and our kernels' module, where triton is installed (about 0.4 s of the traced H200 run)."""
+    if importlib.util.find_spec("triton") is not None:
+        importlib.import_module("wanpack.runtime.ops.triton_kernels")
+
+
 def attention_shapes(tokens: int, chunk: int, context: tuple[int, ...]) -> list[tuple[int, int]]:
     """(query rows, key rows) of every attention call one DiT forward makes: the query chunks against the whole
     sequence (self-attention) and against each context (text, and image for i2v)."""
@@ -115,19 +136,24 @@ def attention_shapes(tokens: int, chunk: int, context: tuple[int, ...]) -> list[
 
 
 def prime_attention(shapes: list[tuple[int, int]], batch: int, heads: int, head_dim: int, dtype: torch.dtype,
-                    device: torch.device) -> float:  # fmt: skip
-    """Call attention once per (query rows, key rows) on zeros laid out as the DiT lays them out; returns seconds.
+                    device: torch.device) -> dict[str, float]:  # fmt: skip
+    """Call attention once per (query rows, key rows) on zeros laid out as the DiT lays them out; returns the seconds
+    each shape took ("8190x32760": ...).
 
     PyTorch keeps cuDNN's attention plans in a per-thread cache and builds one the first time a thread meets a
     shape, so this runs on the thread that will sample, while it would otherwise wait (the text phase).
     """
     from wanpack.runtime.ops.attention import attention
 
-    t = time.perf_counter()
+    seconds = {}
     with torch.inference_mode():
         for rows, keys in shapes:
+            t = time.perf_counter()
             q = torch.zeros((batch, rows, heads, head_dim), dtype=dtype, device=device)
             kv = torch.zeros((batch, keys, heads, head_dim), dtype=dtype, device=device)
             attention(q, kv, kv)
             del q, kv
-    return time.perf_counter() - t
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # so each shape's figure is its own
+            seconds[f"{rows}x{keys}"] = round(time.perf_counter() - t, 3)
+    return seconds

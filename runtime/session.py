@@ -255,7 +255,8 @@ class Session:
                      "blocking_sync": self.blocking_sync}  # fmt: skip
         record.backends = self._backends()
         if self._warmup is not None:
-            self.details["kernel_warmup"] = {"seconds": self._warmup.seconds, "error": self._warmup.error}
+            self.details["kernel_warmup"] = {"seconds": self._warmup.seconds, "steps": self._warmup.steps,
+                                             "error": self._warmup.error}  # fmt: skip
         record.details = {**self.details, "process_age_at_end_s": process_age_s(), "thread_cpu_s": thread_cpu_seconds()}
         record.finish(timer)
         write_sidecar(sidecar_path(job.out), record)
@@ -386,7 +387,8 @@ class Session:
         shapes = [s for s in attention_shapes(plan.dit.tokens, plan.ffn_chunk, context) if (batch, s) not in self._primed]
         if shapes:
             seconds = prime_attention(shapes, batch, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
-            self.details["attention_prime_s"] = round(seconds, 3)
+            self.details["attention_prime_s"] = round(sum(seconds.values()), 3)
+            self.details["attention_prime_shapes_s"] = seconds
             self._primed.update((batch, s) for s in shapes)
 
     def _encode_text(self, job: Job, plan: RunPlan, while_waiting: Callable[[], None] = lambda: None) -> list[torch.Tensor]:

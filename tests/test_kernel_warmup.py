@@ -61,6 +61,7 @@ def test_warmup_runs_both_stages_and_reports(pack):
     assert w.wait("encoders") >= 0 and w.wait("dit") >= 0
     w._thread.join(timeout=30)
     assert w.error is None and set(w.seconds) >= {"encoders", "total"}
+    assert {"import", "backend", "norms"} <= set(w.steps) and any(k.startswith("dit ") for k in w.steps)
 
 
 def test_a_failing_warmup_is_recorded_never_raised(pack, monkeypatch):
@@ -84,7 +85,8 @@ def test_prime_attention_calls_each_shape_laid_out_as_the_dit_does(monkeypatch):
         return attention(q, k, v, prepared)
 
     monkeypatch.setattr(attention_mod, "attention", spy)
-    assert kw.prime_attention([(8, 16), (8, 4)], 2, 3, 8, torch.bfloat16, torch.device("cpu")) >= 0
+    seconds = kw.prime_attention([(8, 16), (8, 4)], 2, 3, 8, torch.bfloat16, torch.device("cpu"))
+    assert set(seconds) == {"8x16", "8x4"} and min(seconds.values()) >= 0
     assert calls == [((2, 8, 3, 8), (2, 16, 3, 8), True, torch.bfloat16), ((2, 8, 3, 8), (2, 4, 3, 8), True, torch.bfloat16)]
 
 
