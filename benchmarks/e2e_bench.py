@@ -12,7 +12,7 @@ Not a test: prints a table last and writes --json for docs/PERFORMANCE.md. On a 
             the one that counts). Wall time and CPU time of the process, its sidecar's phases, peak VRAM from NVML
             (the whole process, CUDA context included) and peak RSS.
 
-    python benchmarks/e2e_bench.py --work /tmp/e2e --json e2e.json [--skip-720p] [--layers 40]
+    python benchmarks/e2e_bench.py --work /tmp/e2e --json e2e.json [--skip-720p] [--runs warm,prompts] [--layers 40]
 """
 
 from __future__ import annotations
@@ -274,6 +274,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="DiT blocks (default: all 40)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--skip-720p", action="store_true")
+    ap.add_argument("--runs", default="cold,warm,ram16,prompts,720p",
+                    help="which CLI runs, comma-separated (a call too short for all of them can take a part)")
     ap.add_argument("--floors", nargs=4, type=int, metavar=("H", "W", "FRAMES", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -303,7 +305,8 @@ def main() -> None:
     result["startup_floor_s"] = step("startup floor", startup_floor)
     result["encoder_probe"] = step("video encoder probe", encoder_probe)
     result["page_probe"] = step("page probe", lambda: page_probe(pack))
-    sizes = [("480p", 480, 832)] + ([] if args.skip_720p else [("720p", 720, 1280)])
+    wanted = set(args.runs.split(",")) - ({"720p"} if args.skip_720p else set())
+    sizes = [("480p", 480, 832)] + ([("720p", 720, 1280)] if "720p" in wanted else [])
     result["floors"] = {}
     for label, h, w in sizes:
         proc = step(f"floors {label}", lambda h=h, w=w: subprocess.run(
@@ -314,17 +317,21 @@ def main() -> None:
     runs = result["runs"]
     one_step = ["--steps", "1", "--config", str(_write_json(args.work / "one.json", {"denoising_step_list": [1000]}))]
     step("warm-up 480p (untimed: Triton kernel cache, autotune)", lambda: cli(run_args(pack, "warmup.mp4", *one_step), args.work, "warmup"))
-    step("drop page cache", lambda: drop_caches(pack))
-    runs["cold"] = step("cold 480p", lambda: cli(run_args(pack, "cold.mp4"), args.work, "cold"))
-    runs["warm"] = step("warm 480p", lambda: cli(run_args(pack, "warm.mp4"), args.work, "warm"))
-    runs["warm_ram16"] = step("warm 480p --ram-budget 16", lambda: cli(run_args(pack, "ram16.mp4", "--ram-budget", "16"),
-                                                                      args.work, "warm_ram16"))  # fmt: skip
+    if "cold" in wanted:
+        step("drop page cache", lambda: drop_caches(pack))
+        runs["cold"] = step("cold 480p", lambda: cli(run_args(pack, "cold.mp4"), args.work, "cold"))
+    if "warm" in wanted:
+        runs["warm"] = step("warm 480p", lambda: cli(run_args(pack, "warm.mp4"), args.work, "warm"))
+    if "ram16" in wanted:
+        runs["warm_ram16"] = step("warm 480p --ram-budget 16", lambda: cli(run_args(pack, "ram16.mp4", "--ram-budget",
+                                                                                    "16"), args.work, "warm_ram16"))  # fmt: skip
     jobs = args.work / "jobs.jsonl"
     jobs.write_text(json.dumps({"prompt": PROMPT, "seed": 1}) + "\n" + json.dumps({"prompt": PROMPT2, "seed": 2}) + "\n")
     batch = ["run", "--pack", str(pack), "--preset", "distill-4step", "--vram-budget", "8", "--prompts", str(jobs),
              "--out-dir", "batch", "--json"]  # fmt: skip
-    runs["prompts"] = step("--prompts, 2 jobs", lambda: cli(batch, args.work, "prompts"))
-    if not args.skip_720p:
+    if "prompts" in wanted:
+        runs["prompts"] = step("--prompts, 2 jobs", lambda: cli(batch, args.work, "prompts"))
+    if "720p" in wanted:
         size = ["--height", "720", "--width", "1280"]
         step("warm-up 720p", lambda: cli(run_args(pack, "warmup720.mp4", *size, *one_step), args.work, "warmup720"))
         runs["warm_720p"] = step("warm 720p", lambda: cli(run_args(pack, "warm720.mp4", *size), args.work, "warm_720p"))
@@ -360,9 +367,9 @@ def print_table(result: dict) -> None:
         ratio = ""
         if f:
             floor = f["t5_forward_s"] + f["dit_steps_s"] + f["vae_decode_s"]
-            wall = s["wall_s"] if not name.startswith("prompts") else s["in_process_s"]
-            ratio = f"{wall / floor:.2f}x of {floor:.1f} s" + (f" ({wall / (floor + start):.2f}x incl. start)"
-                                                              if not name.startswith("prompts") else " (in-process)")  # fmt: skip
+            ratio = f"in-process {s['in_process_s'] / floor:.2f}x of {floor:.2f} s"
+            if not name.startswith("prompts"):
+                ratio += f"; whole process {s['wall_s'] / (floor + start):.2f}x of floors + bare start"
         print(f"{name:12} {s['wall_s']:6.1f} {s['text'] or 0:5.2f} {s['denoise'] or 0:7.2f} {s['decode'] or 0:6.2f} "
               f"{s['write'] or 0:5.2f} {100 * s['cpu_fraction']:5.0f} {s['vram_process_gib'] or s['vram_device_gib']:5.2f} "
               f"{s['rss_gib']:5.1f} {s['storage_read_gb']:7.1f}  {ratio}")  # fmt: skip
