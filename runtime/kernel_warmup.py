@@ -62,6 +62,10 @@ class KernelWarmup:
         self._stages[stage].wait()
         return time.perf_counter() - t
 
+    def join(self, timeout: float) -> None:
+        """Wait for the thread to end (it always does: every step is bounded; a timeout only guards the caller)."""
+        self._thread.join(timeout)
+
     def _run(self) -> None:
         from wanpack.runtime.stream.reader import name_thread
 
@@ -133,6 +137,12 @@ def attention_shapes(tokens: int, chunk: int, context: tuple[int, ...]) -> list[
 
     queries = sorted({s.stop - s.start for s in token_chunks(tokens, chunk)})
     return [(q, k) for q in queries for k in (tokens, *context)]
+
+
+def priming_bytes(shapes: list[tuple[int, int]], batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """The most device memory one priming call holds: q, one tensor standing for both k and v, and the output."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return max((2 * rows + keys) * batch * heads * head_dim * item for rows, keys in shapes) if shapes else 0
 
 
 def prime_attention(shapes: list[tuple[int, int]], batch: int, heads: int, head_dim: int, dtype: torch.dtype,

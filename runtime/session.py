@@ -35,10 +35,10 @@ from wanpack.errors import UsageError, WanpackError
 from wanpack.manifests.arch import VAEConfig, config_from_dict
 from wanpack.manifests.pack_lock import pinned_pack
 from wanpack.manifests.run_config import RunConfig
-from wanpack.runtime.kernel_warmup import KernelWarmup, attention_shapes, prime_attention
+from wanpack.runtime.kernel_warmup import KernelWarmup, attention_shapes, prime_attention, priming_bytes
 from wanpack.runtime.ops.devices import wait_for_gpu
 from wanpack.runtime.pack import PackComponent
-from wanpack.runtime.run_plan import DISK_WORKERS, RunPlan, plan_run
+from wanpack.runtime.run_plan import DISK_WORKERS, ENCODER_WORKSPACE, RunPlan, plan_run
 from wanpack.runtime.run_record import (
     RunRecord,
     StageTimer,
@@ -121,6 +121,9 @@ def prepare_device(requested: str | None) -> tuple[torch.device, bool]:
     return device, (blocking_sync() if device.type == "cuda" else False)
 
 
+WARMUP_JOIN_S = 60.0  # a kernel warm-up still running when a session closes (a first run's autotuning) is waited for
+
+
 class Session:
     """One pack on one device; ``generate(job)`` makes a video. Close it (or use ``with``) to free every buffer."""
 
@@ -163,6 +166,8 @@ class Session:
         with contextlib.suppress(Exception):  # a build that failed has nothing to close; its error was raised
             self._take_dit()
         self._builder.shutdown(wait=True)
+        if self._warmup is not None:  # its kernels may still be running: nothing of ours outlives the session
+            self._warmup.join(WARMUP_JOIN_S)
         for eng in [self._dit, *self._encoders.values()]:
             if eng is not None:
                 eng.close()
@@ -379,12 +384,15 @@ class Session:
 
     def _prime_attention(self, plan: RunPlan, task: str, batch: int) -> None:
         """cuDNN's plans for the DiT's attention shapes, built on this thread while it waits for the text encoder's
-        kernels (see kernel_warmup.prime_attention); once per set of shapes in a session."""
+        kernels (see kernel_warmup.prime_attention); once per set of shapes in a session, and only where its scratch
+        fits the room the plan keeps for the encoder's work beside the slots."""
         if self.device.type != "cuda" or plan.dit is None:
             return
         cfg = config_from_dict(self.manifest.component("dit").config)
         context = (cfg.text_len, cfg.image_tokens) if task == "i2v" else (cfg.text_len,)
         shapes = [s for s in attention_shapes(plan.dit.tokens, plan.ffn_chunk, context) if (batch, s) not in self._primed]
+        if priming_bytes(shapes, batch, cfg.num_heads, cfg.head_dim, self.dtype) > ENCODER_WORKSPACE:
+            return  # the text phase's room beside the slots would not hold it: step 1 plans these shapes itself
         if shapes:
             seconds = prime_attention(shapes, batch, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
             self.details["attention_prime_s"] = round(sum(seconds.values()), 3)

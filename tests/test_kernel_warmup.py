@@ -59,7 +59,7 @@ def test_attention_shapes_cover_every_query_chunk_and_context():
 def test_warmup_runs_both_stages_and_reports(pack):
     w = kw.KernelWarmup(read_manifest(pack), torch.device("cpu"), 64, torch.float32)
     assert w.wait("encoders") >= 0 and w.wait("dit") >= 0
-    w._thread.join(timeout=30)
+    w.join(30)
     assert w.error is None and set(w.seconds) >= {"encoders", "total"}
     assert {"import", "backend", "norms"} <= set(w.steps) and any(k.startswith("dit ") for k in w.steps)
 
@@ -71,7 +71,7 @@ def test_a_failing_warmup_is_recorded_never_raised(pack, monkeypatch):
     monkeypatch.setattr(kw.KernelWarmup, "_gemm", broken)
     w = kw.KernelWarmup(read_manifest(pack), torch.device("cpu"), 64, torch.float32)
     w.wait("dit")
-    w._thread.join(timeout=30)
+    w.join(30)
     assert w.error == "RuntimeError: no kernel today"
 
 
@@ -88,6 +88,13 @@ def test_prime_attention_calls_each_shape_laid_out_as_the_dit_does(monkeypatch):
     seconds = kw.prime_attention([(8, 16), (8, 4)], 2, 3, 8, torch.bfloat16, torch.device("cpu"))
     assert set(seconds) == {"8x16", "8x4"} and min(seconds.values()) >= 0
     assert calls == [((2, 8, 3, 8), (2, 16, 3, 8), True, torch.bfloat16), ((2, 8, 3, 8), (2, 4, 3, 8), True, torch.bfloat16)]
+
+
+def test_priming_scratch_is_counted_for_the_largest_shape():
+    # 480p: q 8190 x 40 x 128 bf16 twice (q and the output) and one 32760-row tensor standing for k and v
+    assert kw.priming_bytes([(8190, 32760), (8190, 512)], 1, 40, 128, torch.bfloat16) == (2 * 8190 + 32760) * 10240
+    assert kw.priming_bytes([(7560, 75600)], 1, 40, 128, torch.bfloat16) < 1 << 30  # 720p still fits the 1 GiB room
+    assert kw.priming_bytes([], 1, 40, 128, torch.bfloat16) == 0
 
 
 def test_linear_is_safe_from_two_threads():

@@ -47,9 +47,13 @@ def main() -> None:
         app()
     except SystemExit as exc:
         if fast_exit_allowed() and (exc.code is None or isinstance(exc.code, int)):
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(exc.code or 0)
+            code = exc.code or 0
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):  # a reader that went away (`| head`) or a closed stream
+                    code = code or 1
+            os._exit(code)
         raise
 
 
