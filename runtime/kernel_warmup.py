@@ -47,8 +47,11 @@ def warm_rows(tokens: int) -> int:
 class KernelWarmup:
     """Prepares the kernels a run on ``device`` will use; ``wait(stage)`` blocks until that stage is done."""
 
-    def __init__(self, manifest: Manifest, device: torch.device, dit_tokens: int | None, dtype: torch.dtype):
+    def __init__(self, manifest: Manifest, device: torch.device, dit_tokens: int | None, dtype: torch.dtype,
+                 batch: int = 1):  # fmt: skip
+        """``batch``: 2 when the run uses CFG (prompt and negative prompt go through every linear together)."""
         self.manifest, self.device, self.dit_tokens, self.dtype = manifest, device, dit_tokens, dtype
+        self.batch = batch
         self.seconds: dict[str, float] = {}  # when each stage ended, from the thread's start
         self.steps: dict[str, float] = {}  # what each step took (the sidecar keeps both: where the time goes)
         self.error: str | None = None
@@ -77,7 +80,8 @@ class KernelWarmup:
                 self._step("import", _import_kernels)
                 dtypes = {d for name in ("t5", "clip", "dit") for _, _, d in gemm_shapes(self.manifest, name)}
                 self._step("backend", lambda: [self._backend(d) for d in sorted(dtypes, key=str)])
-                for name, rows in ENCODER_ROWS.items():
+                for name, per_item in ENCODER_ROWS.items():
+                    rows = per_item * (self.batch if name == "t5" else 1)  # one image, but [prompt, negative]
                     for out, inp, qdtype in sorted(gemm_shapes(self.manifest, name), key=str):
                         self._step(f"{name} {rows}x{inp}->{out}", lambda a=(rows, out, inp, qdtype): self._gemm(*a))
                 self.seconds["encoders"] = round(time.perf_counter() - t0, 3)
@@ -94,7 +98,7 @@ class KernelWarmup:
         from wanpack.runtime.ops.norms import fused_norm_quant, fused_norms
 
         shapes = gemm_shapes(self.manifest, "dit")
-        for rows in sorted({self.dit_tokens or CONTEXT_ROWS, CONTEXT_ROWS}):
+        for rows in sorted({(self.dit_tokens or CONTEXT_ROWS) * self.batch, CONTEXT_ROWS * self.batch}):
             for out, inp, qdtype in sorted(shapes, key=str):
                 self._step(f"dit {rows}x{inp}->{out}", lambda a=(rows, out, inp, qdtype): self._gemm(*a))
         entry = self.manifest.components.get("dit")

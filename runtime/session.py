@@ -199,7 +199,7 @@ class Session:
         self._plan = plan
         if self.device.type == "cuda":
             if self._warmup is None:
-                self._warmup = KernelWarmup(self.manifest, self.device, plan.dit.tokens, self.dtype)
+                self._warmup = KernelWarmup(self.manifest, self.device, plan.dit.tokens, self.dtype, batch)
             torch.cuda.reset_peak_memory_stats(self.device)
         io_before = _process_read_bytes()
         self.details = {"process_age_at_session_s": self.started_at_age_s}
@@ -276,8 +276,8 @@ class Session:
         while the encoders run (its resident weights load, its device slots are taken, and its cache reads are
         queued behind the encoders' at a lower priority, so step 1 mostly finds its blocks in RAM)."""
         key = repr(asdict(plan.dit_options))
-        if self._dit is not None and self._dit_key == key:
-            return
+        if self._dit_key == key and (self._dit is not None or self._dit_build is not None):
+            return  # built (or being built) for this plan already
         self._close_dit()
 
         def build() -> StreamEngine:

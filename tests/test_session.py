@@ -225,3 +225,25 @@ def test_kept_engines_lend_their_slots_to_the_decode_and_the_next_job_is_unchang
     assert all(r["details"]["slots_lent_to_vae_bytes"] > 0 for r in records)
     a, b = (load_file(r["latents"])["latents"] for r in records)
     assert torch.equal(a, b)
+
+
+def test_a_job_that_fails_while_the_dit_builds_does_not_cost_the_next_job_a_rebuild(pack, tmp_path, monkeypatch):
+    """The DiT engine builds beside the text phase; when that job fails there, the next job of the same plan takes the
+    engine already built (or still building) instead of building another."""
+    CountingEngine.built = []
+    monkeypatch.setattr(session_mod, "StreamEngine", CountingEngine)
+    real = session_mod.Session._encode_text
+    calls = []
+
+    def flaky(self, job, *args, **kwargs):
+        calls.append(job.prompt)
+        if len(calls) == 1:
+            raise session_mod.WanpackError("the text encoder failed (test)")
+        return real(self, job, *args, **kwargs)
+
+    monkeypatch.setattr(session_mod.Session, "_encode_text", flaky)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"prompt": "a fox", "seed": 1}, {"prompt": "a cat", "seed": 2})
+    res = run("run", "--pack", pack, "--prompts", jobs, "--out-dir", tmp_path / "v", "--json", *SMALL)
+    assert res.exit_code == 1 and "1 of 2 jobs failed" in res.output and "the text encoder failed (test)" in res.output
+    assert CountingEngine.built.count("dit") == 1
+    assert [p.name for p in (tmp_path / "v").glob("*.mp4")] == ["jobs-002.mp4"]
