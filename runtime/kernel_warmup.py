@@ -24,7 +24,7 @@ import torch
 from wanpack.manifests.format import Manifest
 
 ENCODER_ROWS = {"t5": 512, "clip": 257}  # tokens per encoder call (the T5 pads to 512; CLIP sees 257 patches)
-CONTEXT_ROWS = 512  # the DiT's cross-attention keys/values come from the 512 text tokens
+CONTEXT_ROWS = 512  # text tokens the DiT's cross-attention keys/values come from, where its config does not say
 QUANTIZED = {"I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn}  # manifest dtype names of quantized weights
 
 
@@ -38,9 +38,11 @@ def gemm_shapes(manifest: Manifest, component: str) -> set[tuple[int, int, torch
 
 
 def warm_rows(tokens: int) -> int:
-    """Rows that land in the same GEMM tuning bucket as ``tokens`` rows (the int8 kernel buckets M by powers of two
-    up to 8192), but no more than needed, to keep the warm-up's scratch memory small."""
-    bucket = min(1 << max(0, tokens - 1).bit_length(), 8192)
+    """Rows that land in the same GEMM tuning bucket as ``tokens`` rows (``linear.gemm_rows_bucket``), but no more
+    than needed, to keep the warm-up's scratch memory small."""
+    from wanpack.runtime.ops.linear import gemm_rows_bucket
+
+    bucket = gemm_rows_bucket(tokens)
     return min(tokens, bucket // 2 + 1) if bucket > 1 else 1
 
 
@@ -52,6 +54,7 @@ class KernelWarmup:
         """``batch``: 2 when the run uses CFG (prompt and negative prompt go through every linear together)."""
         self.manifest, self.device, self.dit_tokens, self.dtype = manifest, device, dit_tokens, dtype
         self.batch = batch
+        self._shapes = {name: gemm_shapes(manifest, name) for name in (*ENCODER_ROWS, "dit")}
         self.seconds: dict[str, float] = {}  # when each stage ended, from the thread's start
         self.steps: dict[str, float] = {}  # what each step took (the sidecar keeps both: where the time goes)
         self.error: str | None = None
@@ -78,11 +81,11 @@ class KernelWarmup:
             on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
             with torch.inference_mode(), on_device:
                 self._step("import", _import_kernels)
-                dtypes = {d for name in ("t5", "clip", "dit") for _, _, d in gemm_shapes(self.manifest, name)}
+                dtypes = {d for shapes in self._shapes.values() for _, _, d in shapes}
                 self._step("backend", lambda: [self._backend(d) for d in sorted(dtypes, key=str)])
                 for name, per_item in ENCODER_ROWS.items():
                     rows = per_item * (self.batch if name == "t5" else 1)  # one image, but [prompt, negative]
-                    for out, inp, qdtype in sorted(gemm_shapes(self.manifest, name), key=str):
+                    for out, inp, qdtype in sorted(self._shapes[name], key=str):
                         self._step(f"{name} {rows}x{inp}->{out}", lambda a=(rows, out, inp, qdtype): self._gemm(*a))
                 self.seconds["encoders"] = round(time.perf_counter() - t0, 3)
                 self._stages["encoders"].set()
@@ -97,12 +100,13 @@ class KernelWarmup:
     def _warm_dit(self) -> None:
         from wanpack.runtime.ops.norms import fused_norm_quant, fused_norms
 
-        shapes = gemm_shapes(self.manifest, "dit")
-        for rows in sorted({(self.dit_tokens or CONTEXT_ROWS) * self.batch, CONTEXT_ROWS * self.batch}):
-            for out, inp, qdtype in sorted(shapes, key=str):
-                self._step(f"dit {rows}x{inp}->{out}", lambda a=(rows, out, inp, qdtype): self._gemm(*a))
         entry = self.manifest.components.get("dit")
-        width = int(entry.config.get("dim", 0)) if entry is not None else 0
+        config = entry.config if entry is not None else {}
+        context = int(config.get("text_len", CONTEXT_ROWS))
+        for rows in sorted({(self.dit_tokens or context) * self.batch, context * self.batch}):
+            for out, inp, qdtype in sorted(self._shapes["dit"], key=str):
+                self._step(f"dit {rows}x{inp}->{out}", lambda a=(rows, out, inp, qdtype): self._gemm(*a))
+        width = int(config.get("dim", 0))
         self._step("norms", lambda: fused_norms(self.device) and width and fused_norm_quant(self.device, width))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -116,7 +116,7 @@ def prepare_device(requested: str | None) -> tuple[torch.device, bool]:
     device = select_device(requested)
     if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
         # the GPU does the work; torch's CPU thread pool only spun between the few small host ops (measured on an
-        # H200 host: 4.2 s of CPU and 0.6 s of wall in one 480p run). OMP_NUM_THREADS set by the user wins.
+        # H200 host: 4.4 s of CPU and 0.8 s of wall in one 480p run). OMP_NUM_THREADS set by the user wins.
         torch.set_num_threads(1)
     return device, (blocking_sync() if device.type == "cuda" else False)
 

@@ -33,6 +33,13 @@ QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 QUANT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 FP8_FAST_ACCUM = True  # Hopper fp8 accumulation precision loss is far below the e4m3 rounding of the inputs
 _MIN_ROWS = {"int_mm": 17}  # cuBLASLt's int8 path needs M > 16
+GEMM_ROWS_BUCKET_MAX = 8192
+
+
+def gemm_rows_bucket(rows: int) -> int:
+    """The tuning bucket of a GEMM with ``rows`` rows (M): the next power of two, at most 8192. The int8 Triton GEMM
+    is autotuned once per (bucket, N, K); the kernel warm-up aims at the same buckets."""
+    return min(1 << max(0, rows - 1).bit_length(), GEMM_ROWS_BUCKET_MAX)
 
 
 @dataclass(frozen=True)

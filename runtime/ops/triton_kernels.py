@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from wanpack.runtime.ops.linear import gemm_rows_bucket
+
 # Hopper-leaning tile shapes; autotuned once per (N, K, M bucket). BLOCK_K divides both 5120 and 13824.
 # (The deeper-pipelined variants were added after the first H100 run; the autotuner keeps whichever is fastest.)
 _GEMM_CONFIGS = [
@@ -154,7 +156,7 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     a_s = a_scale.reshape(-1).to(torch.float32)
     b_s = b_scale.reshape(-1).to(torch.float32)
     bias_arg = bias if bias is not None else a_s  # any pointer; unused when HAS_BIAS is False
-    m_bucket = min(triton.next_power_of_2(m), 8192)
+    m_bucket = gemm_rows_bucket(m)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
