@@ -228,13 +228,13 @@ class VramPeak:
         self._thread.join()
 
 
-def cli(args: list[str], work: Path, name: str) -> dict:
-    """One `wanpack ...` process: wall, CPU time, NVML peak VRAM, its JSON output."""
+def cli(args: list[str], work: Path, name: str, env: dict[str, str] | None = None) -> dict:
+    """One `wanpack ...` process: wall, CPU time, NVML peak VRAM, its JSON output; ``env`` adds variables."""
     cmd = [sys.executable, "-m", "wanpack", *args]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     with VramPeak() as vram:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     (work / f"{name}.stderr.txt").write_text(proc.stderr)
@@ -275,7 +275,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--skip-720p", action="store_true")
     ap.add_argument("--runs", default="cold,warm,ram16,prompts,720p",
-                    help="which CLI runs, comma-separated (a call too short for all of them can take a part)")
+                    help="which CLI runs, comma-separated (a call too short for all of them can take a part); also "
+                         "ram16-noearly (WANPACK_EARLY_READ=0, to weigh the readahead) and sage (--attn sage)")
+    ap.add_argument("--skip-probes", action="store_true", help="skip the video encoder and page-cache probes")
     ap.add_argument("--floors", nargs=4, type=int, metavar=("H", "W", "FRAMES", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -303,8 +305,9 @@ def main() -> None:
 
     result["raw_read"] = step("raw read", lambda: raw_read_rate(pack))
     result["startup_floor_s"] = step("startup floor", startup_floor)
-    result["encoder_probe"] = step("video encoder probe", encoder_probe)
-    result["page_probe"] = step("page probe", lambda: page_probe(pack))
+    if not args.skip_probes:
+        result["encoder_probe"] = step("video encoder probe", encoder_probe)
+        result["page_probe"] = step("page probe", lambda: page_probe(pack))
     wanted = set(args.runs.split(",")) - ({"720p"} if args.skip_720p else set())
     sizes = [("480p", 480, 832)] + ([("720p", 720, 1280)] if "720p" in wanted else [])
     result["floors"] = {}
@@ -325,6 +328,14 @@ def main() -> None:
     if "ram16" in wanted:
         runs["warm_ram16"] = step("warm 480p --ram-budget 16", lambda: cli(run_args(pack, "ram16.mp4", "--ram-budget",
                                                                                     "16"), args.work, "warm_ram16"))  # fmt: skip
+    if "ram16-noearly" in wanted:
+        runs["warm_ram16_noearly"] = step("warm 480p --ram-budget 16, no early readahead", lambda: cli(
+            run_args(pack, "ram16n.mp4", "--ram-budget", "16"), args.work, "warm_ram16_noearly", {"WANPACK_EARLY_READ": "0"}))  # fmt: skip
+    if "sage" in wanted:
+        step("warm-up 480p --attn sage (untimed: its kernels and tuning)",
+             lambda: cli(run_args(pack, "warmup_sage.mp4", "--attn", "sage", *one_step), args.work, "warmup_sage"))
+        runs["warm_sage"] = step("warm 480p --attn sage", lambda: cli(run_args(pack, "sage.mp4", "--attn", "sage"),
+                                                                      args.work, "warm_sage"))  # fmt: skip
     jobs = args.work / "jobs.jsonl"
     jobs.write_text(json.dumps({"prompt": PROMPT, "seed": 1}) + "\n" + json.dumps({"prompt": PROMPT2, "seed": 2}) + "\n")
     batch = ["run", "--pack", str(pack), "--preset", "distill-4step", "--vram-budget", "8", "--prompts", str(jobs),

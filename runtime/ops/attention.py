@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from wanpack.errors import UsageError, WanpackError
+from wanpack.runtime.ops.check_cache import checked
 from wanpack.runtime.ops.devices import concrete_device
 
 SAGE_AUTO_ENV = "WANPACK_SAGE_AUTO"  # "1": let `auto` pick our quantized kernel (see module docstring)
@@ -166,7 +167,8 @@ def _choose(device: torch.device) -> AttnBackend:
     if device.type != "cuda":
         return BACKENDS["sdpa"]
     for name in auto_order(device):
-        if BACKENDS[name].unavailable(device) is None and _self_check(BACKENDS[name], device):
+        if BACKENDS[name].unavailable(device) is None and checked("attention", name, device,
+                                                                  lambda b=BACKENDS[name]: _self_check(b, device)):
             return BACKENDS[name]
     return BACKENDS["sdpa"]
 

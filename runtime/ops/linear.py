@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from wanpack.errors import UsageError, WanpackError
+from wanpack.runtime.ops.check_cache import checked
 from wanpack.runtime.ops.devices import concrete_device
 
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
@@ -310,7 +311,8 @@ def _choose(dtype: torch.dtype, device: torch.device) -> GemmBackend:
     if device.type != "cuda":
         return BACKENDS["dequant"]
     for name in AUTO_ORDER[dtype]:
-        if BACKENDS[name].unavailable(device) is None and _self_check(BACKENDS[name], dtype, device):
+        if BACKENDS[name].unavailable(device) is None and checked(f"gemm {dtype}", name, device,
+                                                                  lambda b=BACKENDS[name]: _self_check(b, dtype, device)):
             return BACKENDS[name]
     return BACKENDS["dequant"]
 

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from wanpack.runtime.ops.linear import QMAX
+from wanpack.runtime.ops.triton_kernels import CACHE_TUNING
 
 HEAD_DIMS = (64, 128)  # what the kernel is built for; attention.py sends other head dims to SDPA
 K_GROUP = 64  # tokens sharing one K scale (SageAttention's per-block granularity); also the pre-pass's rows per program
@@ -207,8 +208,9 @@ def _bench_quickly(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
+# The winners are kept in Triton's disk cache where it can (as for the GEMM): tuning took ~11 s per process.
 _tuned_attn = triton.autotune(configs=_ATTN_CONFIGS, key=["LQ_BUCKET", "LK_BUCKET", "D", "PV_FP8"],
-                              do_bench=_bench_quickly)(_sage_attn_kernel)  # fmt: skip
+                              do_bench=_bench_quickly, **CACHE_TUNING)(_sage_attn_kernel)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ host side

@@ -139,8 +139,8 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K: tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Autotuning times every config (~1 s per shape) in every new process; where Triton can keep the winner in its disk
 # cache, a second `wanpack run` starts with tuned GEMMs instead of paying that again for each of a dozen shapes.
-_CACHE_TUNING = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_tuned_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K"], **_CACHE_TUNING)(_int8_gemm_kernel)
+CACHE_TUNING = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+_tuned_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K"], **CACHE_TUNING)(_int8_gemm_kernel)
 
 
 def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
