@@ -33,16 +33,41 @@ def test_order_encoder_blocks_then_dit_when_ram_holds_the_pack(demo_pack_dir):
     assert dit == list(range(len(dit))) and len(dit) == len(manifest["components"]["dit"]["shards"]) - 1
 
 
-def test_order_leaves_the_dit_to_direct_reads(demo_pack_dir):
+def test_nothing_is_read_ahead_for_a_run_that_reads_direct(demo_pack_dir):
+    """O_DIRECT runs read every component O_DIRECT: pages read ahead would only be read a second time."""
     manifest = _manifest(demo_pack_dir)
     total = sum(s["size"] for c in manifest["components"].values() for s in c["shards"])
-    tight = early_read.early_read_order(manifest, ("t5",), ram_bytes=total, read_mode=None)
-    forced = early_read.early_read_order(manifest, ("t5",), ram_bytes=1 << 40, read_mode="direct")
-    unknown = early_read.early_read_order(manifest, ("t5",), ram_bytes=None, read_mode=None)
-    for order in (tight, forced, unknown):
-        assert order and all(p.startswith("t5/block_") for p in order)
+    assert early_read.early_read_order(manifest, ("t5",), ram_bytes=total, read_mode=None) == []
+    assert early_read.early_read_order(manifest, ("t5",), ram_bytes=1 << 40, read_mode="direct") == []
+    assert early_read.early_read_order(manifest, ("t5",), ram_bytes=None, read_mode=None) == []
     asked = early_read.early_read_order(manifest, ("t5",), ram_bytes=None, read_mode="cached")
-    assert any(p.startswith("dit/") for p in asked)
+    assert asked[0].startswith("t5/block_") and any(p.startswith("dit/") for p in asked)
+
+
+def test_resident_fraction_sees_a_file_just_read(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.read(fd, 1 << 20)
+        assert early_read.resident_fraction(fd) > 0.9
+    finally:
+        os.close(fd)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    fd = os.open(empty, os.O_RDONLY)
+    try:
+        assert early_read.resident_fraction(fd) == 1.0
+    finally:
+        os.close(fd)
+
+
+def test_resident_files_are_not_advised(demo_pack_dir, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(early_read, "resident_fraction", lambda fd: 1.0)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append(fd))
+    early_read.start_early_read(demo_pack_dir, ram_budget_gib=1024.0).join(10)
+    assert calls == []
 
 
 def test_advice_follows_the_order_and_stops_at_a_file_outside_the_pack(demo_pack_dir, tmp_path, monkeypatch):
@@ -58,6 +83,7 @@ def test_advice_follows_the_order_and_stops_at_a_file_outside_the_pack(demo_pack
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(early_read, "open_pack_file", recording_open)
+    monkeypatch.setattr(early_read, "resident_fraction", lambda fd: 0.0)  # as after a reboot
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n)))
     thread = early_read.start_early_read(pack, ram_budget_gib=1024.0)
     assert thread is not None

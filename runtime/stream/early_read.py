@@ -3,8 +3,9 @@
 A `wanpack run` spends 3-4 s before its session exists (Python, torch, CUDA). On a cold page cache the drive sits idle
 through all of it, then the text encoder waits for its blocks. This module is imported before torch and asks the
 kernel to read ahead (``posix_fadvise(WILLNEED)``, on a daemon thread, since the call returns only once its reads are
-queued): the text encoder's blocks first (always mapped through the page cache), then - only when the RAM plainly
-holds the whole pack, so the run will read it cached too - the DiT's shards in the order the first step needs them.
+queued), only when the RAM plainly holds the whole pack (so the run will read it through the page cache too): the text
+encoder's blocks first, then the DiT's shards in the order the first step needs them. Files already in the page
+cache are skipped after a residency look (mincore): on a warm pack the thread ends at once.
 
 Advice only: nothing is read into this process, a pack that is damaged or absent is left to the session to report,
 and the files opened follow the pack's containment rules (manifests/pack_files.py). Set WANPACK_EARLY_READ=0 to turn
@@ -13,7 +14,9 @@ it off (benchmarks compare both).
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import re
 import threading
@@ -23,6 +26,7 @@ from wanpack.errors import WanpackError
 from wanpack.manifests.pack_files import open_pack_file
 
 HEADROOM = 1.5  # the whole pack is read ahead only when this many times its size is free (or budgeted)
+RESIDENT_ENOUGH = 0.98  # a file this much in the page cache already is left alone
 _BLOCK = re.compile(r"block_(\d+)\.safetensors$")
 
 
@@ -40,10 +44,12 @@ def early_read_order(manifest: dict, task_components: tuple[str, ...], ram_bytes
                 out.append((int(match.group(1)), shard["path"]))
         return sorted(out)
 
-    order = [path for name in task_components for _, path in blocks(name)]
     total = sum(int(s.get("size", 0)) for c in comps.values() for s in (c.get("shards") or []))
     cached = read_mode == "cached" or (read_mode is None and ram_bytes is not None and ram_bytes >= HEADROOM * total)
-    if cached and "dit" in comps:
+    if not cached:  # O_DIRECT runs read the encoders O_DIRECT too: pages read ahead would be read twice
+        return []
+    order = [path for name in task_components for _, path in blocks(name)]
+    if "dit" in comps:
         order += [s["path"] for s in comps["dit"].get("shards") or [] if not _BLOCK.search(str(s.get("path", "")))]
         order += [path for _, path in blocks("dit")]
     return order
@@ -56,11 +62,39 @@ def _advise(pack: Path, paths: list[str]) -> None:
         except WanpackError:
             return  # the session says what is wrong with the pack
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            if resident_fraction(fd) < RESIDENT_ENOUGH:  # a warm pack costs a residency look per file, no page walk
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         except OSError:
             return
         finally:
             os.close(fd)
+
+
+def resident_fraction(fd: int) -> float:
+    """The share of the file's pages in the page cache (mincore on a fresh read-only mapping); 0.0 where it cannot
+    be asked, so the readahead is queued anyway."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 1.0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    except (OSError, AttributeError):
+        return 0.0
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return 0.0
+    try:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = ctypes.create_string_buffer(pages)
+        if libc.mincore(addr, size, vec) != 0:
+            return 0.0
+        return (pages - vec.raw.count(0)) / pages  # bit 0 set: resident (the other bits are reserved, zero)
+    finally:
+        libc.munmap(addr, size)
 
 
 def start_early_read(pack: Path | None, *, ram_budget_gib: float | None = None, read_mode: str | None = None,
