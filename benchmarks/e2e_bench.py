@@ -4,7 +4,8 @@ Not a test: prints a table last and writes --json for docs/PERFORMANCE.md. On a 
 (`synth --as-pack -c all`, int8; built once under --work):
 
   floors    in a separate process, nothing streamed: the DiT forward with all blocks resident (x steps), the T5 forward
-            with the T5 resident, the VAE decode untiled, a bare `import torch` + CUDA start; the raw O_DIRECT read rate
+            with the T5 resident, the VAE decode untiled (fp32 and bf16: a run's floor is the one in the dtype its
+            sidecar says it decoded in), a bare `import torch` + CUDA start; the raw O_DIRECT read rate
             of the pack's shards with the page cache dropped
   runs      the CLI command exactly as documented (`wanpack run --pack P --preset distill-4step --vram-budget 8 ...`),
             each a fresh process: cold (page cache dropped first; Triton's kernel cache already warm from an untimed
@@ -131,14 +132,16 @@ def floors(pack: Path, height: int, width: int, frames: int, steps: int) -> dict
     weights = vaec.load_resident(dev)
     z = torch.randn((1, *lat), device=dev)
 
-    def decode():
-        for chunk in decode_frames(weights, z, vae_cfg):
-            chunk.cpu()
+    for suffix, dtype in (("", torch.float32), ("_bf16", torch.bfloat16)):  # the run decodes in either (--vae-dtype)
 
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out["vae_decode_s"] = timed(decode, 1)
-    out["vae_decode_peak_gib"] = round((torch.cuda.max_memory_allocated() - base) / GiB, 3)
+        def decode(dtype=dtype):
+            for chunk in decode_frames(weights, z, vae_cfg, dtype=dtype):
+                chunk.cpu()
+
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out[f"vae_decode{suffix}_s"] = timed(decode, 1)
+        out[f"vae_decode{suffix}_peak_gib"] = round((torch.cuda.max_memory_allocated() - base) / GiB, 3)
     out["device"] = torch.cuda.get_device_name()
     return out
 
@@ -262,7 +265,9 @@ def summarize(run: dict, job: int = -1) -> dict:
             "torch_reserved_gib": round((rec.get("peak_vram_bytes") or {}).get("reserved", 0) / GiB, 3),
             "rss_gib": round((rec.get("peak_rss_bytes") or 0) / GiB, 2), "storage_read_gb":
             round((rec.get("io", {}).get("storage_bytes_read") or 0) / 1e9, 2), "plan": rec.get("plan", {}).get("dit"),
-            "read_mode": rec.get("plan", {}).get("read_mode"), "bytes_per_run": rec.get("plan", {}).get("bytes_per_run")}  # fmt: skip
+            "read_mode": rec.get("plan", {}).get("read_mode"), "bytes_per_run": rec.get("plan", {}).get("bytes_per_run"),
+            "vae_dtype": (rec.get("encoder") or {}).get("vae_dtype", "fp32"),
+            "vae_tiles": (rec.get("encoder") or {}).get("vae_tiles")}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -276,7 +281,8 @@ def main() -> None:
     ap.add_argument("--skip-720p", action="store_true")
     ap.add_argument("--runs", default="cold,warm,ram16,prompts,720p",
                     help="which CLI runs, comma-separated (a call too short for all of them can take a part); also "
-                         "ram16-noearly (WANPACK_EARLY_READ=0, to weigh the readahead) and sage (--attn sage)")
+                         "ram16-noearly and cold-noearly (WANPACK_EARLY_READ=0, to weigh the readahead) and sage "
+                         "(--attn sage)")
     ap.add_argument("--skip-probes", action="store_true", help="skip the video encoder and page-cache probes")
     ap.add_argument("--floors", nargs=4, type=int, metavar=("H", "W", "FRAMES", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -323,6 +329,10 @@ def main() -> None:
     if "cold" in wanted:
         step("drop page cache", lambda: drop_caches(pack))
         runs["cold"] = step("cold 480p", lambda: cli(run_args(pack, "cold.mp4"), args.work, "cold"))
+    if "cold-noearly" in wanted:
+        step("drop page cache", lambda: drop_caches(pack))
+        runs["cold_noearly"] = step("cold 480p, no early readahead", lambda: cli(
+            run_args(pack, "coldn.mp4"), args.work, "cold_noearly", {"WANPACK_EARLY_READ": "0"}))  # fmt: skip
     if "warm" in wanted:
         runs["warm"] = step("warm 480p", lambda: cli(run_args(pack, "warm.mp4"), args.work, "warm"))
     if "ram16" in wanted:
@@ -370,15 +380,17 @@ def print_table(result: dict) -> None:
         print(f"page probe: {row}")
     for label, f in fl.items():
         print(f"floors {label}: T5 fwd {f['t5_forward_s']:.3f} s, DiT fwd {f['dit_forward_s']:.3f} s (x4 "
-              f"{f['dit_steps_s']:.2f}), VAE decode {f['vae_decode_s']:.2f} s")  # fmt: skip
+              f"{f['dit_steps_s']:.2f}), VAE decode fp32 {f['vae_decode_s']:.2f} s "
+              f"(bf16 {f.get('vae_decode_bf16_s', 0):.2f} s)")  # fmt: skip
     head = f"{'run':12} {'wall':>6} {'text':>5} {'denoise':>7} {'decode':>6} {'write':>5} {'cpu%':>5} {'VRAM':>5} {'RSS':>5} {'disk GB':>7}  vs floors"
     print(head)
     for name, s in result.get("summary", {}).items():
         f = fl.get("720p" if "720" in name else "480p")
         ratio = ""
         if f:
-            floor = f["t5_forward_s"] + f["dit_steps_s"] + f["vae_decode_s"]
-            ratio = f"in-process {s['in_process_s'] / floor:.2f}x of {floor:.2f} s"
+            vae_floor = f.get("vae_decode_bf16_s") if s.get("vae_dtype") == "bf16" else f["vae_decode_s"]
+            floor = f["t5_forward_s"] + f["dit_steps_s"] + (vae_floor or f["vae_decode_s"])
+            ratio = f"in-process {s['in_process_s'] / floor:.2f}x of {floor:.2f} s (VAE {s.get('vae_dtype')})"
             if not name.startswith("prompts"):
                 ratio += f"; whole process {s['wall_s'] / (floor + start):.2f}x of floors + bare start"
         print(f"{name:12} {s['wall_s']:6.1f} {s['text'] or 0:5.2f} {s['denoise'] or 0:7.2f} {s['decode'] or 0:6.2f} "

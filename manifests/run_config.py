@@ -80,6 +80,7 @@ class RunConfig:
     clip_quant: tuple[str, ...] | None = None
     # VAE and output
     vae_tiling: bool | None = None  # None: tile only when the free memory needs it
+    vae_dtype: str | None = None  # "fp32" | "bf16" VAE activations; None: fp32 when it fits untiled, else bf16 (GPU)
     tiny_vae: bool = False  # decode with the tiny VAE (previews)
     tiny_vae_path: str | None = None
     save_latents: bool = False
@@ -133,6 +134,7 @@ CHOICES: dict[str, tuple] = {
     "sampler": SAMPLERS,
     "offload_granularity": OFFLOAD_GRANULARITIES,
     "read_mode": READ_MODES,
+    "vae_dtype": ("fp32", "bf16"),
 }
 QUANT_FIELDS = ("dit_quant", "t5_quant", "clip_quant")
 
@@ -195,7 +197,7 @@ def _coerce_tuple(where: str, key: str, field: str, item: type, value: Any) -> t
 
 
 def _unknown_key(where: str, key: str) -> UsageError:
-    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.7)  # 0.6 offered vae_dtype for attention_type
     hint = f"did you mean {close[0]!r}?" if close else "remove it"
     return UsageError(f"unknown config key {key!r} in {where} - {hint} (docs/SAMPLING.md lists every key)")
 

@@ -490,8 +490,8 @@ class Session:
             with timer.stage("decode"):
                 t0 = time.perf_counter()
                 vae = None if cfg.tiny_vae else self._vae_weights()
-                chunks, tiles = decoded_chunks(vae, latent, cfg, self.device, self._vae_budget())
-                settings = BURST_ENCODER_SETTINGS if tiles else ENCODER_SETTINGS  # all frames at once: encode fast
+                chunks, how = decoded_chunks(vae, latent, cfg, self.device, self._vae_budget())
+                settings = BURST_ENCODER_SETTINGS if how["vae_tiles"] else ENCODER_SETTINGS  # all frames at once
                 writer = VideoWriter(out, checked.width, checked.height, cfg.fps, settings)
                 done = 0
                 for chunk in chunks:
@@ -505,7 +505,7 @@ class Session:
             if writer is not None:
                 writer.abort()
             raise
-        return {**writer.settings, "fps": cfg.fps, "vae_tiles": tiles, "encode_s": round(writer.encode_s, 3),
+        return {**writer.settings, "fps": cfg.fps, **how, "encode_s": round(writer.encode_s, 3),
                 "after_last_frame_s": round(writer.tail_s, 3)}  # fmt: skip
 
     def _backends(self) -> dict:

@@ -55,6 +55,24 @@ def test_t2v_writes_decodable_mp4_and_sidecar(packs, tmp_path):
     assert side["backends"]["attention"] == "sdpa" and side["backends"]["attention_ran"] == "sdpa"  # CPU runs fp32
 
 
+def test_vae_dtype_flag_is_honored_and_recorded(packs, tmp_path):
+    """bf16 decode on request (the default on a CPU is fp32), recorded in the sidecar; a bad value is refused."""
+    outs = {}
+    for dtype in ("bf16", None):
+        video = tmp_path / f"{dtype}.mp4"
+        extra = ["--vae-dtype", dtype] if dtype else []
+        result = run("run", "--pack", packs["t2v"], "--prompt", "a fox", "--frames", 5, "--height", 32, "--width", 32,
+                     "--steps", 1, "--seed", 3, "--out", video, *extra)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        side = json.loads(video.with_suffix(".json").read_text())
+        assert side["encoder"]["vae_dtype"] == (dtype or "fp32") and side["encoder"]["vae_tiles"] is None
+        assert side["config"]["vae_dtype"] == dtype
+        outs[dtype] = read_video_info(video)
+    assert outs["bf16"] == outs[None]
+    bad = run("run", "--pack", packs["t2v"], "--prompt", "a fox", "--vae-dtype", "fp16", "--out", tmp_path / "x.mp4")
+    assert bad.exit_code == 2 and "--vae-dtype" in bad.output and not (tmp_path / "x.mp4").exists()
+
+
 def test_same_seed_same_video_latents(packs, tmp_path):
     args = ["run", "--pack", packs["t2v"], "--prompt", "a fox", "--frames", 5, "--height", 32, "--width", 32,
             "--steps", 2, "--seed", 1, "--guidance", 1, "--save-latents"]  # fmt: skip

@@ -150,3 +150,22 @@ def test_within_budget_dispatch(state, monkeypatch):
     monkeypatch.setattr(vae_tiling, "tiling_for_budget", lambda *a, **k: Tiling((3, 3), (1, 1)))
     torch.testing.assert_close(vae_tiling.decode_within(state, latents, CFG, 1.0),
                                decode_tiled(state, latents, CFG, Tiling((3, 3), (1, 1))), atol=0, rtol=0)  # fmt: skip
+
+
+def test_decode_plan_prefers_fp32_untiled_then_bf16_untiled_on_a_gpu():
+    from wanpack.runtime.pipeline import vae_decode_plan
+
+    full = encoder_config("vae")
+    need32 = 60 * 104 * 64 * decode_bytes_per_pixel(full)
+    need16 = 60 * 104 * 64 * decode_bytes_per_pixel(full, torch.bfloat16)
+    assert vae_decode_plan(full, 60, 104, need32, None, on_cuda=True) == ("fp32", None)
+    assert vae_decode_plan(full, 60, 104, need16, None, on_cuda=True) == ("bf16", None)
+    dtype, tiles = vae_decode_plan(full, 60, 104, need16, None, on_cuda=False)  # the CPU keeps fp32 and tiles
+    assert dtype == "fp32" and tiles is not None
+    dtype, tiles = vae_decode_plan(full, 60, 104, need16 / 2, None, on_cuda=True)  # bf16 in fewer tiles than fp32
+    assert dtype == "bf16" and tiles.tile[0] * tiles.tile[1] > tiling_for_budget(full, 60, 104, need16 / 2).tile[0] * \
+        tiling_for_budget(full, 60, 104, need16 / 2).tile[1]
+    # asked for: kept, tiled if it must be
+    dtype, tiles = vae_decode_plan(full, 60, 104, need16, "fp32", on_cuda=True)
+    assert dtype == "fp32" and tiles is not None
+    assert vae_decode_plan(full, 60, 104, need16, "bf16", on_cuda=False) == ("bf16", None)

@@ -45,6 +45,8 @@ def run(
     disk_workers: int | None = typer.Option(None, "--disk-workers", help="Disk reader threads."),
     vae_tiling: bool | None = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="Decode in spatial tiles "
                                                                                       "(default: when memory needs it)."),  # fmt: skip
+    vae_dtype: str | None = typer.Option(None, "--vae-dtype", help="fp32 or bf16 VAE decode (default: fp32 when it "
+                                                                   "fits untiled, else bf16)."),  # fmt: skip
     tiny_vae: Path | None = typer.Option(None, "--tiny-vae", help="taew2_1 weights: fast preview decode."),
     save_latents: bool | None = typer.Option(None, "--save-latents", help="Also save the final latent."),
     gemm: str | None = typer.Option(None, "--gemm", help="Force the quantized GEMM backend (default: auto)."),
@@ -77,7 +79,8 @@ def run(
                  "guidance": guidance, "shift": shift, "sampler": sampler, "negative_prompt": negative_prompt,
                  "vram_budget_gib": budget_gib("--vram-budget", vram_budget),
                  "ram_budget_gib": budget_gib("--ram-budget", ram_budget), "lazy_load": lazy_load,
-                 "num_disk_workers": disk_workers, "vae_tiling": vae_tiling, "save_latents": save_latents,
+                 "num_disk_workers": disk_workers, "vae_tiling": vae_tiling, "vae_dtype": vae_dtype,
+                 "save_latents": save_latents,
                  "read_mode": read_mode, "tiny_vae": True if tiny_vae else None,
                  "tiny_vae_path": str(tiny_vae) if tiny_vae else None}  # fmt: skip
     if granularity is not None:
@@ -180,7 +183,8 @@ FLAGS = {"steps": "--steps", "frames": "--frames", "height": "--height", "width"
          "guidance": "--guidance", "shift": "--shift", "sampler": "--sampler", "negative_prompt": "--negative-prompt",
          "vram_budget_gib": "--vram-budget", "ram_budget_gib": "--ram-budget", "lazy_load": "--lazy-load",
          "read_mode": "--read-mode", "num_disk_workers": "--disk-workers", "vae_tiling": "--vae-tiling",
-         "save_latents": "--save-latents", "tiny_vae": "--tiny-vae", "tiny_vae_path": "--tiny-vae",
+         "vae_dtype": "--vae-dtype", "save_latents": "--save-latents", "tiny_vae": "--tiny-vae",
+         "tiny_vae_path": "--tiny-vae",
          "offload_granularity": "--granularity", "cpu_offload": "--granularity"}  # fmt: skip
 
 
