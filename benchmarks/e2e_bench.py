@@ -281,8 +281,7 @@ def main() -> None:
     ap.add_argument("--skip-720p", action="store_true")
     ap.add_argument("--runs", default="cold,warm,ram16,prompts,720p",
                     help="which CLI runs, comma-separated (a call too short for all of them can take a part); also "
-                         "ram16-noearly and cold-noearly (WANPACK_EARLY_READ=0, to weigh the readahead) and sage "
-                         "(--attn sage)")
+                         "sage (--attn sage)")
     ap.add_argument("--skip-probes", action="store_true", help="skip the video encoder and page-cache probes")
     ap.add_argument("--floors", nargs=4, type=int, metavar=("H", "W", "FRAMES", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -329,18 +328,11 @@ def main() -> None:
     if "cold" in wanted:
         step("drop page cache", lambda: drop_caches(pack))
         runs["cold"] = step("cold 480p", lambda: cli(run_args(pack, "cold.mp4"), args.work, "cold"))
-    if "cold-noearly" in wanted:
-        step("drop page cache", lambda: drop_caches(pack))
-        runs["cold_noearly"] = step("cold 480p, no early readahead", lambda: cli(
-            run_args(pack, "coldn.mp4"), args.work, "cold_noearly", {"WANPACK_EARLY_READ": "0"}))  # fmt: skip
     if "warm" in wanted:
         runs["warm"] = step("warm 480p", lambda: cli(run_args(pack, "warm.mp4"), args.work, "warm"))
     if "ram16" in wanted:
         runs["warm_ram16"] = step("warm 480p --ram-budget 16", lambda: cli(run_args(pack, "ram16.mp4", "--ram-budget",
                                                                                     "16"), args.work, "warm_ram16"))  # fmt: skip
-    if "ram16-noearly" in wanted:
-        runs["warm_ram16_noearly"] = step("warm 480p --ram-budget 16, no early readahead", lambda: cli(
-            run_args(pack, "ram16n.mp4", "--ram-budget", "16"), args.work, "warm_ram16_noearly", {"WANPACK_EARLY_READ": "0"}))  # fmt: skip
     if "sage" in wanted:
         step("warm-up 480p --attn sage (untimed: its kernels and tuning)",
              lambda: cli(run_args(pack, "warmup_sage.mp4", "--attn", "sage", *one_step), args.work, "warmup_sage"))

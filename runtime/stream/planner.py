@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 
 from wanpack.errors import UsageError
 from wanpack.runtime.pack import PackComponent
-from wanpack.runtime.stream.early_read import available_ram
 from wanpack.runtime.stream.engine import StreamOptions
 
 GiB = 1 << 30
@@ -130,6 +129,18 @@ def detect_budgets() -> tuple[int | None, int | None]:
     except Exception:  # noqa: BLE001 - no usable GPU means no VRAM default
         vram = None
     return vram, available_ram()
+
+
+def available_ram() -> int | None:
+    """MemAvailable of this machine in bytes, or None; touches no GPU (safe before CUDA's settings are applied)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def spread(n_total: int, n_pick: int) -> list[int]:

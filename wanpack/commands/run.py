@@ -10,7 +10,6 @@ from rich.markup import escape
 
 from wanpack.commands._common import DeviceOption, RamBudget, VramBudget, allow_fast_exit, budget_gib, guarded
 from wanpack.commands._progress import RunReporter
-from wanpack.errors import WanpackError
 from wanpack.output import err, human_bytes, out, print_json
 
 
@@ -67,7 +66,6 @@ def run(
       wanpack run --pack ./distilled --preset distill-4step --vram-budget 8GiB --prompt "waves at dusk"
       wanpack run --pack ./distilled --preset distill-4step --prompts jobs.jsonl --out-dir videos/
     """
-    _start_early_read(pack, ram_budget, read_mode, image is not None)  # before torch is imported (seconds of it)
     from wanpack.errors import UsageError
     from wanpack.manifests.run_config import resolve_run_config
     from wanpack.runtime.ops.attention import set_attn_backend
@@ -120,21 +118,10 @@ def run(
     out.print(summary_line(record, synthetic), soft_wrap=True, markup=False)
 
 
-def _start_early_read(pack: Path | None, ram_budget: str | None, read_mode: str | None, image: bool) -> None:
-    """Let the drive start on the pack's first blocks now (runtime/stream/early_read.py); flags it cannot parse are
-    left to the checks below, which say what is wrong."""
-    from wanpack.runtime.stream.early_read import start_early_read
-
-    try:
-        ram = budget_gib("--ram-budget", ram_budget)
-    except WanpackError:
-        ram = None
-    start_early_read(pack, ram_budget_gib=ram, read_mode=read_mode, image=image)
-
-
 def _run_batch(pack: Path, prompts: Path, out_dir: Path, preset, config, overrides: dict, device, synthetic: bool,
                command: list[str], json_out: bool, overwrite: bool) -> None:  # fmt: skip
     """Every line checked first (errors name the line), then all jobs through one session: one plan, one load."""
+    from wanpack.errors import WanpackError
     from wanpack.runtime.batch import load_jobs
     from wanpack.runtime.session import Session
 
