@@ -231,13 +231,13 @@ class VramPeak:
         self._thread.join()
 
 
-def cli(args: list[str], work: Path, name: str, env: dict[str, str] | None = None) -> dict:
-    """One `wanpack ...` process: wall, CPU time, NVML peak VRAM, its JSON output; ``env`` adds variables."""
+def cli(args: list[str], work: Path, name: str) -> dict:
+    """One `wanpack ...` process: wall, CPU time, NVML peak VRAM, its JSON output."""
     cmd = [sys.executable, "-m", "wanpack", *args]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     with VramPeak() as vram:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env={**os.environ, **(env or {})})
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     (work / f"{name}.stderr.txt").write_text(proc.stderr)
@@ -380,8 +380,8 @@ def print_table(result: dict) -> None:
         f = fl.get("720p" if "720" in name else "480p")
         ratio = ""
         if f:
-            vae_floor = f.get("vae_decode_bf16_s") if s.get("vae_dtype") == "bf16" else f["vae_decode_s"]
-            floor = f["t5_forward_s"] + f["dit_steps_s"] + (vae_floor or f["vae_decode_s"])
+            vae_floor = f.get("vae_decode_bf16_s" if s.get("vae_dtype") == "bf16" else "vae_decode_s") or f["vae_decode_s"]
+            floor = f["t5_forward_s"] + f["dit_steps_s"] + vae_floor
             ratio = f"in-process {s['in_process_s'] / floor:.2f}x of {floor:.2f} s (VAE {s.get('vae_dtype')})"
             if not name.startswith("prompts"):
                 ratio += f"; whole process {s['wall_s'] / (floor + start):.2f}x of floors + bare start"

@@ -1,11 +1,12 @@
 """Self-check verdicts remembered between processes, keyed by everything that could change them.
 
-Every backend choice (GEMM, attention, fused norms) runs its candidate once against a reference before trusting it.
+The GEMM and attention backend choices run each candidate once against a reference before trusting it.
 On an H200 the attention check alone cost ~0.5 s of every `wanpack run` (a float32 reference through kernels that
 load lazily, random inputs), all on the thread that must then plan the DiT's attention. The answer only changes
 when the software or the card changes, so a pass is kept in ``<cache>/kernel_checks.json`` under a key made of the
 card, its driver, torch / CUDA / cuDNN / Triton versions and a hash of the source files of our kernels. Only passes
 are kept: a failing candidate is checked again next time. ``WANPACK_RECHECK=1`` ignores what is kept (and renews it).
+The fused norms keep their per-process check: it is also what loads their kernels, off the critical path.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 RECHECK_ENV = "WANPACK_RECHECK"
-_KERNEL_SOURCES = ("attention.py", "sage_attention.py", "linear.py", "triton_kernels.py", "norms.py")
+_KERNEL_SOURCES = ("attention.py", "sage_attention.py", "linear.py", "triton_kernels.py")
 _LOCK = threading.Lock()
 
 
@@ -52,6 +53,7 @@ def _software_key() -> str:
     return f"torch {torch.__version__} cuda {torch.version.cuda} cudnn {cudnn} triton {triton_version} src {digest.hexdigest()[:16]}"
 
 
+@functools.cache
 def _driver_version() -> int | None:
     try:
         version = ctypes.c_int()
