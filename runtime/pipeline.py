@@ -168,6 +168,7 @@ def encode_text(engine: StreamEngine, tokenizer: T5Tokenizer, prompts: list[str]
             raise UsageError(f"a token id is outside the T5 vocabulary of {t5_cfg.vocab} - use the pack's tokenizer")
         weights["token_embedding.weight"] = engine.pack.read_rows("token_embedding.weight", rows.tolist())
     x, ctx = enc.embed(weights, ids, tokens.mask, device=engine.device)
+    engine.limit_forwards(1)
     for unit, w in engine.forward():
         for phase in unit.phases:
             x = enc.phase(phase)(w, x, ctx)
@@ -180,6 +181,7 @@ def encode_image_clip(engine: StreamEngine, image: torch.Tensor) -> torch.Tensor
     assert isinstance(clip_cfg, CLIPConfig)
     enc = CLIPVision(clip_cfg, dtype=torch.float16 if engine.device.type == "cuda" else torch.float32)
     x, ctx = enc.embed(engine.resident, image[None].to(engine.device))  # embed resizes and normalizes (once)
+    engine.limit_forwards(1)
     for unit, w in engine.forward():
         if unit.block >= enc.num_blocks:
             break  # Wan uses the first 31 of 32 blocks: the last is never computed
@@ -225,6 +227,7 @@ def sample(engine: StreamEngine, checked: Checked, cfg: RunConfig, texts: list[t
     def on_step(i: int, n: int) -> None:
         progress("step", {"step": i + 1, "steps": n, "stats": engine.stats()})
 
+    engine.limit_forwards(len(scheduler.timesteps))  # one DiT forward per step (CFG is one batch of 2)
     return denoise(velocity, noise, scheduler, guidance, on_step)
 
 

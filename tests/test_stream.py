@@ -162,6 +162,38 @@ def test_slow_reader_and_slow_consumer_never_reuse_a_slot_early(packs, gran):
     assert all(torch.equal(o, ref) for o in outs)
 
 
+def test_read_waits_are_counted_per_forward(packs):
+    """A slow disk shows as main-thread waits in the first forward; once every unit is cached, none."""
+    pack = packs["by_block"]
+    n_units = len(PackComponent(pack).units("block"))
+    _, stats = run_engine(pack, forwards=2, granularity="block", prefetch=1, device_slots=2, host_slots=2,
+                          cache_units=list(range(n_units)), disk_workers=1, chunk_bytes=4096, read_delay_s=0.01)  # fmt: skip
+    first, second = stats["read_wait_s"]
+    assert first > 0.01 * n_units / 2  # at least half of the units' delayed reads were waited for
+    assert second == 0.0
+
+
+def test_limit_forwards_reads_nothing_past_the_last_forward(packs):
+    """A job that needs n forwards reads each streamed unit n times, not the next forward's first units as well; a
+    forward past the limit still runs (reading as it goes) and gives the same result."""
+    pack = packs["by_block"]
+    ref = reference(pack, torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), 1)
+    units = PackComponent(pack).units("block")
+    per_forward = sum(u.length for u in units)
+    opts = StreamOptions(granularity="block", prefetch=1, device_slots=2, host_slots=3, disk_workers=2)
+    with StreamEngine(PackComponent(pack), opts) as eng:
+        x = eng.run(torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), block_fn)
+        assert eng.bytes_requested > per_forward  # unlimited: it read ahead into a second forward
+    with StreamEngine(PackComponent(pack), opts) as eng:
+        eng.limit_forwards(2)
+        for _ in range(2):
+            x = eng.run(torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), block_fn)
+            assert torch.equal(x, ref)
+        assert eng.bytes_requested == 2 * per_forward
+        x = eng.run(torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), block_fn)
+        assert torch.equal(x, ref) and eng.bytes_requested >= 3 * per_forward
+
+
 def test_failing_reader_raises_in_bounded_time_naming_shard(tmp_path):
     pack = make_pack(tmp_path / "p", layers=3)
     with StreamEngine(PackComponent(pack), StreamOptions(disk_workers=2, host_slots=1)) as eng:

@@ -109,6 +109,7 @@ class StreamEngine:
         self._next_read = 0  # next position whose host bytes are not arranged yet
         self._next_copy = 0  # next position not yet copied to its device slot
         self._epoch = 0  # first position since the last restart (copies before it may not have happened)
+        self._end: int | None = None  # no reads are arranged at or past this position (limit_forwards)
         self._host: dict[int, tuple[torch.Tensor | None, ReadRequest | None, object]] = {}
         self._cache_reqs: dict[int, ReadRequest] = {}
         self._ready: dict[int, torch.Tensor] = {}  # mapped mode: units whose range is faulted in (and pinned)
@@ -118,6 +119,9 @@ class StreamEngine:
         self.current_slot = -1
         self.forwards = 0
         self.bytes_requested = 0  # disk bytes asked of the workers (counted at submit: deterministic)
+        self.read_wait_s: list[float] = []  # per forward: how long the main thread waited for host bytes
+        self._first_submit: float | None = None  # perf_counter of the first read queued, of the last one completed
+        self._last_read_done: float | None = None
         try:
             self.resident = pack.load_resident(self.device, skip=resident_skip)
             if options.mapped:
@@ -146,6 +150,7 @@ class StreamEngine:
         """Yield (unit, block-relative weights) for one forward, in order. Use the weights before the next step."""
         self._check_open()
         self.dev.take_slots()  # given back between jobs: taken again here, every unit copied anew
+        self.read_wait_s.append(0.0)
         done = False
         try:
             for _ in range(len(self.units)):
@@ -205,6 +210,13 @@ class StreamEngine:
         buf.copy_(t)
         return buf
 
+    def limit_forwards(self, n: int) -> None:
+        """Only the next ``n`` forwards are needed (a job's steps, an encoder's one pass): reads stop at the end of
+        the n-th instead of running ahead into a forward that never comes, bytes a disk-bound run pays for nothing
+        (the T5's four ring slots were 0.77 GB per run). A forward past the limit still runs, reading as it goes."""
+        n_units = len(self.units)
+        self._end = -(-self._t // n_units) * n_units + max(0, n) * n_units
+
     def prefetch_cache(self) -> int:
         """Queue the reads of every unit the host cache will hold (and the first ring positions), lowest priority
         first in schedule order; returns the bytes queued. Call right after construction to overlap the first
@@ -236,7 +248,16 @@ class StreamEngine:
             "read_mode": sorted({f.mode for f in self.files.values()}),
             "graph_replays": self.graphs.replays if self.graphs else 0,
             "graph_captures": self.graphs.captures if self.graphs else 0,
+            "read_wait_s": [round(w, 3) for w in self.read_wait_s],
+            "read_span_s": self.read_span_s(),
         }  # fmt: skip
+
+    def read_span_s(self) -> float | None:
+        """Seconds from this engine's first queued read to the completion of the last one a forward has used (how
+        fast its bytes came, beside whatever else ran meanwhile); None before any read was used."""
+        if self._first_submit is None or self._last_read_done is None:
+            return None
+        return round(self._last_read_done - self._first_submit, 3)
 
     def release_device(self) -> int:
         """Give the GPU slots back until the next forward, so another stage (a session's decode) can use the memory;
@@ -309,6 +330,8 @@ class StreamEngine:
 
     def _arrange_ahead(self, pos: int) -> None:
         limit = pos + self.prefetch + self.host.ring_slots
+        if self._end is not None and pos < self._end:
+            limit = min(limit, self._end - 1)
         while self._next_read <= limit and self._arrange(self._next_read):
             self._next_read += 1
 
@@ -357,6 +380,8 @@ class StreamEngine:
         req = ReadRequest(sf, unit.offset, buf, expected, unit.name, pre_event=pre_event, verify=verify,
                           priority=priority, make_dest=make_dest, populate=populate, finish=finish)  # fmt: skip
         self.bytes_requested += expected
+        if self._first_submit is None:
+            self._first_submit = time.perf_counter()
         self._requests = [r for r in self._requests if not r.done.is_set()]
         self._requests.append(req)
         return self.reader.submit(req)
@@ -369,7 +394,11 @@ class StreamEngine:
         if req is not None:
             if not req.done.is_set() and not block:
                 return False
+            t = time.perf_counter()
             req.wait(self.opt.read_timeout_s, self.reader.alive)
+            if self.read_wait_s:  # (prefetch_cache may arrange positions before any forward)
+                self.read_wait_s[-1] += time.perf_counter() - t
+            self._last_read_done = max(self._last_read_done or 0.0, req.finished)
             if buf is None:
                 buf = req.dest
         if buf is not None:
