@@ -25,6 +25,7 @@ from wanpack.manifests.format import Manifest
 
 ENCODER_ROWS = {"t5": 512, "clip": 257}  # tokens per encoder call (the T5 pads to 512; CLIP sees 257 patches)
 CONTEXT_ROWS = 512  # text tokens the DiT's cross-attention keys/values come from, where its config does not say
+PRELOAD_JOIN_S = 30.0  # a preload is seconds of hashing; the bound only guards against a stuck file system
 QUANTIZED = {"I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn}  # manifest dtype names of quantized weights
 
 
@@ -133,7 +134,11 @@ class KernelWarmup:
 
 
 def _import_kernels() -> None:
-    """Import triton and our kernels' module, where triton is installed (about 0.4 s of the traced H200 run)."""
+    """Import triton and our kernels' module, where triton is installed (about 0.4 s of the traced H200 run), after
+    the command's Triton preload (if one started) has done Triton's start-up, so it is not done twice at once."""
+    from wanpack.runtime.ops import triton_preload
+
+    triton_preload.join(PRELOAD_JOIN_S)
     if importlib.util.find_spec("triton") is not None:
         importlib.import_module("wanpack.runtime.ops.triton_kernels")
 

@@ -37,6 +37,7 @@ from wanpack.manifests.pack_lock import pinned_pack
 from wanpack.manifests.run_config import RunConfig
 from wanpack.runtime.kernel_warmup import KernelWarmup, attention_shapes, prime_attention, priming_bytes
 from wanpack.runtime.ops.devices import wait_for_gpu
+from wanpack.runtime.ops.triton_preload import report as triton_preload_report
 from wanpack.runtime.pack import PackComponent
 from wanpack.runtime.run_plan import DISK_WORKERS, ENCODER_WORKSPACE, RunPlan, plan_run
 from wanpack.runtime.run_record import (
@@ -262,6 +263,7 @@ class Session:
         if self._warmup is not None:
             self.details["kernel_warmup"] = {"seconds": self._warmup.seconds, "steps": self._warmup.steps,
                                              "error": self._warmup.error}  # fmt: skip
+            self.details["triton_preload"] = triton_preload_report()
         record.details = {**self.details, "process_age_at_end_s": process_age_s(), "thread_cpu_s": thread_cpu_seconds()}
         record.finish(timer)
         write_sidecar(sidecar_path(job.out), record)
@@ -418,10 +420,14 @@ class Session:
             while_waiting()
             self._wait_warmup("encoders")
             enc_dtype = self.dtype if plan.encoders["t5"].device == "cuda" else torch.float32
+            t3 = time.perf_counter()
             for p, emb in zip(todo, encode_text(eng, tokenizer, todo, enc_dtype), strict=True):
                 self._texts[p] = emb.to(self.device)
             self.details.update({"t5_engine_s": round(t1 - t0, 3), "tokenizer_wait_s": round(t2 - t1, 3),
-                                 "t5_encode_s": round(time.perf_counter() - t2, 3), "prompts_encoded": len(todo)})  # fmt: skip
+                                 "t5_encode_s": round(time.perf_counter() - t2, 3), "prompts_encoded": len(todo),
+                                 "t5_forward_s": round(time.perf_counter() - t3, 3),
+                                 "t5_reads": {"wait_s": eng.read_wait_s[-1] if eng.read_wait_s else None,
+                                              "span_s": eng.read_span_s(), "bytes": eng.bytes_requested}})  # fmt: skip
         out = []
         for p in prompts:
             self._texts.move_to_end(p)
@@ -490,6 +496,7 @@ class Session:
             with timer.stage("decode"):
                 t0 = time.perf_counter()
                 vae = None if cfg.tiny_vae else self._vae_weights()
+                self.details["vae_weights_s"] = round(time.perf_counter() - t0, 3)
                 chunks, how = decoded_chunks(vae, latent, cfg, self.device, self._vae_budget())
                 settings = BURST_ENCODER_SETTINGS if how["vae_tiles"] else ENCODER_SETTINGS  # all frames at once
                 writer = VideoWriter(out, checked.width, checked.height, cfg.fps, settings)
@@ -497,6 +504,8 @@ class Session:
                 for chunk in chunks:
                     frames = to_uint8_frames(chunk).cpu()
                     writer.put(frames)
+                    if not done:
+                        self.details["vae_first_frames_s"] = round(time.perf_counter() - t0, 3)
                     done += frames.shape[0]
                     progress("frames", {"done": done, "total": cfg.frames, "elapsed_s": time.perf_counter() - t0})
             with timer.stage("write"):

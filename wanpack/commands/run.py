@@ -66,6 +66,9 @@ def run(
       wanpack run --pack ./distilled --preset distill-4step --vram-budget 8GiB --prompt "waves at dusk"
       wanpack run --pack ./distilled --preset distill-4step --prompts jobs.jsonl --out-dir videos/
     """
+    from wanpack.runtime.ops.triton_preload import start as start_triton_preload
+
+    start_triton_preload(device)  # beside torch's import below (runtime/ops/triton_preload.py says why)
     from wanpack.errors import UsageError
     from wanpack.manifests.run_config import resolve_run_config
     from wanpack.runtime.ops.attention import set_attn_backend

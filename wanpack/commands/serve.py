@@ -33,6 +33,9 @@ def serve(
       curl -s localhost:8000/v1/jobs/00001-3fa2c1d0
       curl -so waves.mp4 localhost:8000/v1/jobs/00001-3fa2c1d0/video
     """
+    from wanpack.runtime.ops.triton_preload import start as start_triton_preload
+
+    start_triton_preload(device)  # beside torch's import below (runtime/ops/triton_preload.py says why)
     from wanpack.errors import UsageError
     from wanpack.runtime.serve import JobServer, create_app
 
