@@ -212,3 +212,57 @@ print("ok")
 def test_triton_int8_kernels_in_interpreter():
     """The Triton quantizer and GEMM (masked K tail too) on CPU through TRITON_INTERPRET=1."""
     run_in_triton_interpreter(_TRITON_SCRIPT)
+
+
+def test_gemm_autotuners_are_per_thread_where_tuning_results_are_kept():
+    """Two threads launching int8 GEMMs (a session's warm-up beside the main thread) never share an autotuner's
+    per-call state: each gets its own when Triton keeps tuning results on disk, else they share one and take turns."""
+    import threading
+
+    pytest.importorskip("triton")
+    tk = pytest.importorskip("wanpack.runtime.ops.triton_kernels")
+    here, here_again = tk._gemm_tuner(), tk._gemm_tuner()
+    assert here[0] is here_again[0]
+    other = []
+    thread = threading.Thread(target=lambda: other.append(tk._gemm_tuner()))
+    thread.start()
+    thread.join()
+    if tk.CACHE_TUNING:
+        assert other[0][0] is not here[0]
+        assert other[0][0].fn is here[0].fn  # one JIT function: compiled kernels are shared
+    else:
+        assert other[0][0] is here[0] and other[0][1] is here[1] is tk._shared_turns
+
+
+@pytest.mark.gpu
+def test_concurrent_gemms_from_two_threads_match_one_thread():
+    import threading
+
+    from wanpack.runtime.ops.linear import linear
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    shapes = [(300, 512, 1024), (700, 1024, 512), (64, 512, 512)]
+    cases = []
+    for rows, inp, out in shapes:
+        x = torch.randn(rows, inp, device=dev, generator=gen).to(torch.bfloat16)
+        w = torch.randint(-127, 128, (out, inp), device=dev, dtype=torch.int8, generator=gen)
+        s = torch.rand(out, 1, device=dev, generator=gen) / 100
+        cases.append((x, w, s))
+    alone = [linear(x, w, None, s) for x, w, s in cases]
+    got: dict[int, list] = {0: [], 1: []}
+
+    def work(i):
+        for _ in range(20):
+            got[i].append([linear(x, w, None, s) for x, w, s in cases])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    for i in (0, 1):
+        assert len(got[i]) == 20
+        for outs in got[i]:
+            assert all(torch.equal(a, b) for a, b in zip(alone, outs, strict=True))

@@ -273,8 +273,8 @@ GEMM_CHOICES = ("auto", *BACKENDS)
 
 _forced: str | None = None
 _chosen: dict[tuple[torch.dtype, torch.device], GemmBackend] = {}
-# Quantized linears from two threads (a session's kernel warm-up beside the main thread) take turns: Triton's
-# autotuner keeps per-call state on the kernel object, and a backend is chosen (self-checked) once, not twice.
+# A backend is chosen (self-checked) once, not twice, when two threads (a session's kernel warm-up beside the main
+# thread) ask at once. Running GEMMs needs no lock here: triton_kernels keeps its autotuners thread-safe itself.
 _GEMM_LOCK = threading.RLock()
 
 
@@ -355,9 +355,7 @@ def linear(x: Activation, weight: torch.Tensor, bias: torch.Tensor | None = None
         w = weight.to(dtype) if scale is None else (weight.float() * scale.float()).to(dtype)
         return torch.nn.functional.linear(plain, w, None if bias is None else bias.to(dtype))
     a = x if isinstance(x, QuantizedActivation) else x.reshape(-1, x.shape[-1])
-    backend = gemm_backend(weight.dtype, device)
-    with _GEMM_LOCK:
-        y = backend.run(a, weight, scale, bias)
+    y = gemm_backend(weight.dtype, device).run(a, weight, scale, bias)
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -9,8 +9,10 @@ With TRITON_INTERPRET=1 both kernels run on CPU tensors, which is how CI checks 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import threading
 
 import torch
 import triton
@@ -140,7 +142,30 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Autotuning times every config (~1 s per shape) in every new process; where Triton can keep the winner in its disk
 # cache, a second `wanpack run` starts with tuned GEMMs instead of paying that again for each of a dozen shapes.
 CACHE_TUNING = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_tuned_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K"], **CACHE_TUNING)(_int8_gemm_kernel)
+
+
+def _make_gemm_tuner():
+    return triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K"], **CACHE_TUNING)(_int8_gemm_kernel)
+
+
+# Triton's autotuner keeps per-call state on itself, so two threads must not run one tuner at once. With the tuning
+# results on disk each thread gets its own tuner: they share Triton's compiled kernels and those results, and a
+# session's kernel warm-up never makes the text encoder's GEMMs wait (measured on an H200: a shared tuner behind a
+# lock cost the first T5 forward 0.3-0.4 s). Without them one tuner is shared and callers take turns, so no shape
+# is tuned twice.
+_thread_tuners = threading.local()
+_shared_tuner = None if CACHE_TUNING else _make_gemm_tuner()
+_shared_turns = threading.Lock()
+
+
+def _gemm_tuner():
+    """(this thread's tuner, the lock to hold while launching through it)."""
+    if _shared_tuner is not None:
+        return _shared_tuner, _shared_turns
+    tuner = getattr(_thread_tuners, "gemm", None)
+    if tuner is None:
+        tuner = _thread_tuners.gemm = _make_gemm_tuner()
+    return tuner, contextlib.nullcontext()
 
 
 def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -166,7 +191,9 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
         tile = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
         _int8_gemm_kernel[grid(tile)](*args, HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0, **tile)
     else:
-        _tuned_gemm[grid](*args, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
+        tuner, turns = _gemm_tuner()
+        with turns:
+            tuner[grid](*args, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
     return c
 
 
