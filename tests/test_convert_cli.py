@@ -234,8 +234,9 @@ def test_disk_full_mid_write_leaves_nothing(src, tmp_path, monkeypatch):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_conversion_leaves_no_pack_and_rerun_succeeds(tmp_path, sig):
     src = tmp_path / "src"
-    # full-width 1.3B blocks: large enough (~400 MB) that the conversion is still running when we interrupt it
-    synth_checkpoint(src, "wan2.1-t2v-1.3b", layers=2)
+    # full-width 1.3B blocks: large enough (~800 MB) that the conversion is still running when we interrupt it, even
+    # when this test process is descheduled for a moment after seeing the first block file (2 layers were not)
+    synth_checkpoint(src, "wan2.1-t2v-1.3b", layers=4)
     pack = tmp_path / "pack"
     cmd = [sys.executable, "-m", "wanpack", "convert", str(src), "--save-by-block", "--out", str(pack)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
