@@ -4,7 +4,8 @@ The first call of each Triton kernel in a process costs far more than the kernel
 Triton's own sources for its cache key, looking the compiled binary up on disk and loading it, and choosing the
 GEMM backend (a self-check on the GPU). Measured on an H200 (py-spy, 2026-12-01) that was ~1.2 s of the text phase
 and ~0.3 s of the first denoising step. A session starts this thread as it opens; it runs while the pack's first
-bytes are read and the tokenizer loads, and the main thread waits for it only where it needs the kernels.
+bytes are read and the tokenizer loads, and the main thread waits for it only where it needs the kernels. The
+hashing part starts earlier still, beside torch's import (ops/triton_preload.py); this thread waits for that first.
 
 Two stages, so the text encoder never waits for the DiT's kernels: ``encoders`` (backend choice, the encoders'
 GEMM shapes) then ``dit`` (the DiT's GEMM shapes at its token count, the fused norms' self-checks at its width).
