@@ -279,6 +279,8 @@ class Session:
         queued behind the encoders' at a lower priority, so step 1 mostly finds its blocks in RAM)."""
         key = repr(asdict(plan.dit_options))
         if self._dit_key == key and (self._dit is not None or self._dit_build is not None):
+            if self._dit is not None:  # kept from the last job, whose final step read nothing ahead (limit_forwards)
+                self._dit.prefetch_cache()
             return  # built (or being built) for this plan already
         self._close_dit()
 

@@ -192,6 +192,15 @@ def test_limit_forwards_reads_nothing_past_the_last_forward(packs):
         assert eng.bytes_requested == 2 * per_forward
         x = eng.run(torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), block_fn)
         assert torch.equal(x, ref) and eng.bytes_requested >= 3 * per_forward
+    with StreamEngine(PackComponent(pack), opts) as eng:  # a kept engine's next job: prefetch_cache reads ahead again
+        eng.limit_forwards(1)
+        eng.run(torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), block_fn)
+        assert eng.bytes_requested == per_forward
+        eng.prefetch_cache()
+        assert eng.bytes_requested > per_forward
+        eng.limit_forwards(1)
+        x = eng.run(torch.randn(TOKENS, DIM, generator=torch.Generator().manual_seed(0)), block_fn)
+        assert torch.equal(x, ref) and eng.bytes_requested == 2 * per_forward
 
 
 def test_failing_reader_raises_in_bounded_time_naming_shard(tmp_path):
