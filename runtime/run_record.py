@@ -86,7 +86,8 @@ def peak_vram_bytes() -> dict[str, int] | None:
 
 
 class StageTimer:
-    """Wall-clock seconds per pipeline stage (t5, clip, vae_encode, denoise, vae_decode, write, ...).
+    """Wall-clock seconds per pipeline stage (t5, clip, vae_encode, denoise, vae_decode, write, ...), and the CPU
+    seconds spent meanwhile: by the whole process and by the thread that ran the stage (where a run's CPU time goes).
 
     With ``sync=True`` it synchronizes CUDA at each stage boundary, so GPU work is charged to the stage that queued
     it. That is one sync per stage, outside every hot loop.
@@ -95,18 +96,22 @@ class StageTimer:
     def __init__(self, sync: bool = False):
         self.sync = sync and torch.cuda.is_available()
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, dict[str, float]] = {}  # stage -> {"process": s, "thread": s}
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         if self.sync:
             wait_for_gpu()
-        start = time.perf_counter()
+        start, process, thread = time.perf_counter(), time.process_time(), time.thread_time()
         try:
             yield
         finally:
             if self.sync:
                 wait_for_gpu()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            spent = self.cpu.setdefault(name, {"process": 0.0, "thread": 0.0})
+            spent["process"] += time.process_time() - process
+            spent["thread"] += time.thread_time() - thread
 
     @property
     def total(self) -> float:
@@ -137,6 +142,7 @@ class RunRecord:
     peak_vram_bytes: dict[str, int] | None = None
     peak_rss_bytes: int | None = None
     cpu_s: float | None = None  # process CPU time (user + system) so far
+    stage_cpu_s: dict[str, dict[str, float]] = field(default_factory=dict)  # per stage: process and stage thread
     environment: dict[str, str] = field(default_factory=dict)
     created_utc: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -145,6 +151,7 @@ class RunRecord:
         if timer is not None:
             self.timings_s = {k: round(v, 4) for k, v in timer.seconds.items()}
             self.timings_s["total"] = round(timer.total, 4)
+            self.stage_cpu_s = {k: {kind: round(v, 3) for kind, v in spent.items()} for k, spent in timer.cpu.items()}
         self.peak_vram_bytes = peak_vram_bytes()
         self.peak_rss_bytes = peak_rss_bytes()
         times = os.times()

@@ -163,6 +163,8 @@ def test_sidecar_records_the_plan_backends_io_and_writer(pack, tmp_path):
     assert side["io"]["pack_bytes_read"] > 0
     assert side["encoder"]["codec"] == "libx264" and side["encoder"]["preset"] in ("veryfast", "ultrafast")
     assert {"setup", "text", "denoise", "save_latent", "decode", "write", "total"} <= set(side["timings_s"])
+    assert set(side["stage_cpu_s"]) == set(side["timings_s"]) - {"total"}
+    assert all(v["process"] >= 0 and v["thread"] >= 0 for v in side["stage_cpu_s"].values())
     assert side["size"] == {"height": 32, "width": 32, "frames": 5}
     assert len(side["details"]["steps_s"]) == 2
     # plain progress lines, one per phase and step, with an ETA

@@ -6,6 +6,7 @@ import builtins
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import av
@@ -137,9 +138,11 @@ def test_sidecar_records_the_run(tmp_path):
     cfg = resolve_run_config("distill-4step", {"seed": 11})
     timer = StageTimer()
     with timer.stage("denoise"):
-        torch.ones(4).sum()
+        busy_until = time.thread_time() + 0.05
+        while time.thread_time() < busy_until:  # CPU work on this thread
+            torch.ones(4).sum()
     with timer.stage("vae_decode"):
-        pass
+        time.sleep(0.05)  # wall time, no CPU
     record = RunRecord(command=["wanpack", "run", "--prompt", "a cat"], seed=11, config=cfg.to_dict(),
                        pack=str(tmp_path), manifest_sha256=file_sha256(manifest), video="v.mp4")  # fmt: skip
     path = write_sidecar(sidecar_path(tmp_path / "v.mp4"), record.finish(timer))
@@ -148,6 +151,10 @@ def test_sidecar_records_the_run(tmp_path):
     assert data["seed"] == 11 and data["command"][-1] == "a cat"
     assert data["manifest_sha256"] == hashlib.sha256(b'{"format": "wanpack"}').hexdigest()
     assert set(data["timings_s"]) == {"denoise", "vae_decode", "total"}
+    cpu = data["stage_cpu_s"]
+    assert set(cpu) == {"denoise", "vae_decode"}
+    assert cpu["denoise"]["thread"] >= 0.04 and cpu["denoise"]["process"] >= cpu["denoise"]["thread"] - 0.01
+    assert cpu["vae_decode"]["thread"] < 0.03 < data["timings_s"]["vae_decode"]
     assert data["peak_rss_bytes"] > 10 * 2**20
     assert data["config"]["sampler"] == "distill" and data["config"]["denoising_step_list"] == [1000, 750, 500, 250]
     assert data["environment"]["torch"] == torch.__version__
