@@ -150,9 +150,9 @@ def _make_gemm_tuner():
 
 # Triton's autotuner keeps per-call state on itself, so two threads must not run one tuner at once. With the tuning
 # results on disk each thread gets its own tuner: they share Triton's compiled kernels and those results, and a
-# session's kernel warm-up never makes the text encoder's GEMMs wait (measured on an H200: a shared tuner behind a
-# lock cost the first T5 forward 0.3-0.4 s). Without them one tuner is shared and callers take turns, so no shape
-# is tuned twice.
+# session's kernel warm-up never makes the text encoder's GEMMs wait (on an H200 the warm-up's first call of a
+# DiT shape, which looks up its tuning result and loads the binary, took up to 0.6 s while holding the shared
+# tuner's lock). Without results on disk one tuner is shared and callers take turns, so no shape is tuned twice.
 _thread_tuners = threading.local()
 _shared_tuner = None if CACHE_TUNING else _make_gemm_tuner()
 _shared_turns = threading.Lock()

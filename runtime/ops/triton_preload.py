@@ -6,7 +6,9 @@ parses each kernel's source (and the helpers it calls) to hash it. On an H200 ho
 about 1.1 s, and it landed on the text phase: the text encoder's first quantized linear waited for it.
 
 :func:`start` runs those steps on a daemon thread at the top of `wanpack run` / `wanpack serve`, while the main
-thread imports torch (about 2-4 s). The hashing releases the GIL, so the two overlap. Both results are cached by
+thread imports torch (about 2-4 s). Triton hashes in 1 MB chunks and releases the GIL for each, so the two overlap;
+each chunk then waits for the GIL that the import holds, which stretched the hash to 2.5-3.3 s on that H200 host
+(0.45 s alone on a 2-core CI-class machine), still ending about when the session opens. Both results are cached by
 Triton itself (``triton_key`` in an lru_cache, each kernel's ``cache_key`` on the kernel object), so the first real
 launch finds them ready. Nothing here changes what Triton computes or which binaries it loads; an error is
 recorded and the first launch then simply pays as before.
