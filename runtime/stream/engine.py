@@ -215,7 +215,7 @@ class StreamEngine:
         the n-th instead of running ahead into a forward that never comes, bytes a disk-bound run pays for nothing
         (the T5's four ring slots were 0.77 GB per run). A forward past the limit still runs, reading as it goes."""
         n_units = len(self.units)
-        self._end = -(-self._t // n_units) * n_units + max(0, n) * n_units
+        self._end = -(-self._t // n_units) * n_units + max(0, n) * n_units if n_units else None
 
     def prefetch_cache(self) -> int:
         """Queue the reads of every unit the host cache will hold (and the first ring positions), lowest priority
