@@ -267,7 +267,18 @@ def summarize(run: dict, job: int = -1) -> dict:
             round((rec.get("io", {}).get("storage_bytes_read") or 0) / 1e9, 2), "plan": rec.get("plan", {}).get("dit"),
             "read_mode": rec.get("plan", {}).get("read_mode"), "bytes_per_run": rec.get("plan", {}).get("bytes_per_run"),
             "vae_dtype": (rec.get("encoder") or {}).get("vae_dtype", "fp32"),
-            "vae_tiles": (rec.get("encoder") or {}).get("vae_tiles")}  # fmt: skip
+            "vae_tiles": (rec.get("encoder") or {}).get("vae_tiles"), **_where_time_goes(rec)}  # fmt: skip
+
+
+def _where_time_goes(rec: dict) -> dict:
+    """The sidecar's finer figures: step 1 (vs the others), the T5 forward alone, and the CPU seconds each stage cost
+    on the thread that ran it (the main thread) and in the whole process."""
+    details = rec.get("details") or {}
+    steps = details.get("steps_s") or []
+    cpu = rec.get("stage_cpu_s") or {}
+    return {"step1_s": steps[0] if steps else None, "later_steps_s": steps[1:], "t5_forward_s": details.get("t5_forward_s"),
+            "main_cpu_s": {k: v.get("thread") for k, v in cpu.items()},
+            "process_cpu_s": {k: v.get("process") for k, v in cpu.items()}}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -388,6 +399,12 @@ def print_table(result: dict) -> None:
         print(f"{name:12} {s['wall_s']:6.1f} {s['text'] or 0:5.2f} {s['denoise'] or 0:7.2f} {s['decode'] or 0:6.2f} "
               f"{s['write'] or 0:5.2f} {100 * s['cpu_fraction']:5.0f} {s['vram_process_gib'] or s['vram_device_gib']:5.2f} "
               f"{s['rss_gib']:5.1f} {s['storage_read_gb']:7.1f}  {ratio}")  # fmt: skip
+        if s.get("step1_s") is not None or s.get("main_cpu_s"):
+            later = s.get("later_steps_s") or []
+            cpu = ", ".join(f"{k} {v:.2f}/{s['process_cpu_s'].get(k) or 0:.2f}" for k, v in s["main_cpu_s"].items()
+                            if v is not None)  # fmt: skip
+            print(f"{'':12} step 1 {s.get('step1_s') or 0:.2f} s (others {min(later, default=0):.2f}-"
+                  f"{max(later, default=0):.2f}), T5 forward {s.get('t5_forward_s') or 0:.2f} s; CPU s main/process: {cpu}")
     for k, v in result.get("errors", {}).items():
         print(f"ERROR {k}: {v[:300]}")
 
