@@ -275,7 +275,7 @@ _forced: str | None = None
 _chosen: dict[tuple[torch.dtype, torch.device], GemmBackend] = {}
 # A backend is chosen (self-checked) once, not twice, when two threads (a session's kernel warm-up beside the main
 # thread) ask at once. Running GEMMs needs no lock here: triton_kernels keeps its autotuners thread-safe itself.
-_GEMM_LOCK = threading.RLock()
+_CHOICE_LOCK = threading.RLock()
 
 
 def set_gemm_backend(name: str | None) -> None:
@@ -292,7 +292,7 @@ def gemm_backend(dtype: torch.dtype, device: torch.device | str) -> GemmBackend:
     device = concrete_device(device)
     key = (dtype, device)
     if key not in _chosen:
-        with _GEMM_LOCK:
+        with _CHOICE_LOCK:
             if key not in _chosen:
                 _chosen[key] = _choose(dtype, device)
     return _chosen[key]
