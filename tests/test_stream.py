@@ -254,7 +254,7 @@ def test_interrupt_stops_workers_and_frees_buffers(packs):
                 raise KeyboardInterrupt
     assert not any(t.is_alive() for t in threads)
     assert eng.host.slots == [] and eng.host.cache == {} and eng.files == {}
-    assert not any(t.name.startswith("wanpack-disk") for t in threading.enumerate())
+    assert not any(t.name.startswith(("wanpack-disk", "wanpack-alloc")) for t in threading.enumerate())
 
 
 def test_break_mid_forward_then_continue(packs):
@@ -378,3 +378,113 @@ def test_a_resident_model_keeps_its_slots(packs):
         for _unit, _w in eng.forward():
             pass
         assert eng.release_device() == 0 and eng.dev.holding
+
+
+def test_buffers_are_made_ahead_of_the_workers_in_the_order_they_read(tmp_path):
+    """While the workers read one request, the reader's allocator makes the next requests' buffers, most urgent
+    first, so no worker (and no drive) waits on an allocation that could have been done beside the reads."""
+    from wanpack.runtime.stream.reader import DiskReader, ReadRequest, open_shard
+
+    size = 16 * 4096
+    data = os.urandom(4 * size)
+    (tmp_path / "data.bin").write_bytes(data)
+    shard = open_shard(tmp_path / "data.bin", None, direct=False)
+    gate, made = threading.Event(), []
+
+    def factory(tag: int):
+        def make() -> torch.Tensor:
+            if tag == 0:
+                gate.wait(10)  # holds the allocator until every request is queued
+            made.append((tag, threading.current_thread().name))
+            return torch.empty(size, dtype=torch.uint8)
+
+        return make
+
+    reader = DiskReader(1, chunk_bytes=4096, delay_s=0.05, allocate_ahead=8)  # one slow worker: 0.8 s per request
+    try:
+        reqs = [reader.submit(ReadRequest(shard, i * size, None, size, f"r{i}", priority=p, make_dest=factory(i)))
+                for i, p in ((0, 0), (1, 2), (2, 1), (3, 1))]  # fmt: skip
+        gate.set()
+        for r in reqs:
+            r.wait(30)
+    finally:
+        reader.close()
+        os.close(shard.fd)
+    assert [m for m in made if m[0]] == [(2, "wanpack-alloc"), (3, "wanpack-alloc"), (1, "wanpack-alloc")]
+    assert reader.allocated_ahead >= 3
+    for i, r in enumerate(reqs):
+        assert bytes(r.dest.numpy()) == data[i * size : (i + 1) * size]
+
+
+def test_a_buffer_that_cannot_be_made_fails_its_request_by_name(tmp_path):
+    """The allocator leaves a failed allocation to the worker, which reports it on the request; the reader lives on."""
+    from wanpack.runtime.stream.reader import DiskReader, ReadRequest, open_shard
+
+    (tmp_path / "data.bin").write_bytes(os.urandom(2 * 4096))
+    shard = open_shard(tmp_path / "data.bin", None, direct=False)
+
+    def no_memory() -> torch.Tensor:
+        raise MemoryError("no room for the host cache")
+
+    reader = DiskReader(2, chunk_bytes=4096)
+    try:
+        bad = reader.submit(ReadRequest(shard, 0, None, 4096, "block_7", make_dest=no_memory))
+        with pytest.raises(ShardReadError, match=r"block_7.*no room for the host cache"):
+            bad.wait(10)
+        good = reader.submit(ReadRequest(shard, 4096, torch.empty(4096, dtype=torch.uint8), 4096, "block_8"))
+        good.wait(10)
+        assert reader.alive()
+    finally:
+        reader.close()
+        os.close(shard.fd)
+
+
+def test_the_allocator_stays_a_bounded_number_of_requests_ahead(tmp_path):
+    """Pinning holds a driver lock other threads' CUDA calls wait on, so the allocator makes a buffer only once fewer
+    than ``allocate_ahead`` of the ones it made are still unread (never all of a 14 GB host cache at once)."""
+    from wanpack.runtime.stream.reader import DiskReader, ReadRequest, open_shard
+
+    size, count, ahead = 4 * 4096, 6, 2
+    (tmp_path / "data.bin").write_bytes(os.urandom(count * size))
+    shard = open_shard(tmp_path / "data.bin", None, direct=False)
+    gate, reqs, finished_before, order = threading.Event(), [], {}, []
+
+    def factory(i: int):
+        def make() -> torch.Tensor:
+            gate.wait(10)
+            finished_before[i] = sum(r.done.is_set() for r in reqs)
+            order.append((i, threading.current_thread().name))
+            return torch.empty(size, dtype=torch.uint8)
+
+        return make
+
+    reader = DiskReader(1, chunk_bytes=4096, delay_s=0.02, allocate_ahead=ahead)
+    try:
+        reqs.extend(reader.submit(ReadRequest(shard, i * size, None, size, f"r{i}", make_dest=factory(i)))
+                    for i in range(count))  # fmt: skip
+        gate.set()
+        for r in reqs:
+            r.wait(30)
+    finally:
+        reader.close()
+        os.close(shard.fd)
+    assert sorted(finished_before) == list(range(count))
+    by_allocator = [i for i, thread in order if thread == "wanpack-alloc"]
+    assert len(by_allocator) >= count - 1  # the worker made at most the first one itself
+    assert all(finished_before[i] >= k - ahead + 1 for k, i in enumerate(by_allocator)), (order, finished_before)
+
+
+def test_prefault_makes_a_fresh_buffer_resident():
+    """The zero-filling of a host buffer happens in prefault, before cudaHostRegister would do it under its lock."""
+    from wanpack.runtime.stream.reader import aligned_empty, prefault
+
+    def resident_bytes() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("needs Linux /proc")
+    buf = aligned_empty(64 << 20)
+    before = resident_bytes()
+    if not prefault(buf):
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE")
+    assert resident_bytes() - before >= 60 << 20

@@ -241,6 +241,7 @@ class StreamEngine:
             "prefetch": self.prefetch, "host_slots": len(self.host.slots) if self.host else 0,  # allocated
             "cached_units": sorted(self.host.cache_plan) if self.host else [],
             "disk_bytes": self.reader.bytes_read if self.reader else 0, "requested_bytes": self.bytes_requested,
+            "buffers_allocated_ahead": self.reader.allocated_ahead if self.reader else 0,
             "h2d_bytes": self.dev.bytes_copied if self.dev else 0,
             "pinned_bytes": (self.host.pinned_bytes if self.host else 0) + (self.maps.registered_bytes if self.maps else 0),
             "mapped": self.maps is not None, "map_pin_error": self.maps.register_error if self.maps else None,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from wanpack.runtime.stream.reader import aligned_empty
+from wanpack.runtime.stream.reader import aligned_empty, prefault
 
 
 class DoneEvent:
@@ -43,6 +43,7 @@ def host_alloc(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
     buf = aligned_empty(nbytes)
     if not pin:
         return buf, False
+    prefault(buf)
     cudart = torch.cuda.cudart()
     err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), CUDA_HOST_REGISTER_PORTABLE)  # any context, any thread
     return buf, int(err) == 0  # registered: the driver copies from it asynchronously, like any pinned memory
