@@ -54,6 +54,8 @@ BOUNDS = {("int8", "dequant"): 0.02, ("int8", "int_mm"): 0.03, ("fp8", "dequant"
 def test_quantized_block_within_bound(model_type, scheme, backend):
     cfg, weights, x, e0, ctx, grid = block_setup(model_type)
     ref = run_block(cfg, weights, x, e0, ctx, grid, FP32) - x
+    if why := lin.BACKENDS[backend].unavailable(torch.device("cpu")):
+        pytest.skip(why)  # (2.11's CPU _scaled_mm takes per-tensor scales only)
     lin.set_gemm_backend(backend)
     got = run_block(cfg, quantized(weights, cfg, scheme), x, e0, ctx, grid, FP32) - x
     rel = ((got - ref).norm() / ref.norm()).item()
@@ -154,6 +156,8 @@ def test_shared_activation_quantization_is_bit_identical(scheme, backend, monkey
     cfg, weights, x, e0, ctx, grid = block_setup("i2v")
     w = dit.block_weights(quantized(weights, cfg, scheme), 0)
     opts = dit.DiTOptions(dtype=torch.float32, chunk_tokens=64)  # 144 tokens -> 3 chunks
+    if why := lin.BACKENDS[backend].unavailable(torch.device("cpu")):
+        pytest.skip(why)  # (2.11's CPU _scaled_mm takes per-tensor scales only)
     lin.set_gemm_backend(backend)
     rope = dit.rope_tables(grid, cfg.head_dim, dtype=opts.hi)
     calls = []

@@ -19,6 +19,15 @@ def _auto_backend():
     lin.set_gemm_backend(None)
 
 
+def force(backend: str) -> None:
+    """Force a backend for CPU tensors, or skip where this torch's CPU kernel cannot do it (2.11's CPU _scaled_mm
+    takes per-tensor scales only; CI's 2.13 takes row-wise ones)."""
+    why = lin.BACKENDS[backend].unavailable(torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    lin.set_gemm_backend(backend)
+
+
 def hard_inputs(m=48, k=256, n=96, seed=0):
     """Activations with outlier channels, an outlier token and all-zero rows; Gaussian weights with one hot row."""
     gen = torch.Generator().manual_seed(seed)
@@ -71,7 +80,7 @@ def test_int_mm_backend_matches_exact_w8a8_with_outliers_and_zero_rows():
 def test_scaled_mm_backend_matches_exact_w8a8_with_outliers_and_zero_rows():
     x, w, bias = hard_inputs()
     qw, sw = quantize_weight(w, "fp8")
-    lin.set_gemm_backend("scaled_mm")
+    force("scaled_mm")
     got = lin.linear(x, qw, bias, sw)
     qx, sx = lin.quantize_activation_torch(x, torch.float8_e4m3fn)
     ref = exact_w8a8(qx, sx, qw, sw, bias)
@@ -82,13 +91,30 @@ def test_scaled_mm_backend_matches_exact_w8a8_with_outliers_and_zero_rows():
     assert err.max().item() < 2**-8
 
 
+@pytest.mark.parametrize(("scheme", "backend"), [("int8", "int_mm"), ("fp8", "scaled_mm")])
+def test_widths_cublaslt_refuses_still_give_the_w8a8_result(scheme, backend):
+    """K = 40, N = 24 (a tiny CLIP's width on the GPU raised "mat1 ... divisible by 16" on an H200): the same
+    quantized operands go through an fp32 GEMM instead, also when only the quantized activation exists."""
+    x, w, bias = hard_inputs(m=40, k=40, n=24)
+    qw, sw = quantize_weight(w, scheme)
+    force(backend)
+    qdtype = torch.int8 if scheme == "int8" else torch.float8_e4m3fn
+    qx, sx = lin.quantize_activation_torch(x, qdtype)
+    ref = exact_w8a8(qx, sx, qw, sw, bias)
+    quantized_only = lin.QuantizedActivation(None, {qdtype: (qx, sx)}, shape=x.shape, dtype=x.dtype)
+    for a in (x, quantized_only):
+        got = lin.linear(a, qw, bias, sw)
+        assert got.shape == (40, 24) and got.dtype == x.dtype
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("scheme,backend", [("int8", "int_mm"), ("fp8", "scaled_mm"), ("int8", "dequant"),
                                             ("fp8", "dequant")])  # fmt: skip
 def test_quantized_activation_is_bit_identical_and_quantizes_once(scheme, backend, monkeypatch):
     x, w, bias = hard_inputs()
     x = x.bfloat16().reshape(2, 24, -1)  # 3-D, as the DiT passes it
     qw, sw = quantize_weight(w, scheme)
-    lin.set_gemm_backend(backend)
+    force(backend)
     ref_k, ref_v = lin.linear(x, qw, bias, sw), lin.linear(x, qw[:50], bias[:50], sw[:50])
     calls = []
     real = lin.quantize_activation
@@ -111,7 +137,7 @@ def test_quantized_only_activation_gives_the_same_output(scheme, backend):
     x, w, bias = hard_inputs()
     x = x.bfloat16().reshape(2, 24, -1)
     qw, sw = quantize_weight(w, scheme)
-    lin.set_gemm_backend(backend)
+    force(backend)
     assert lin.reads_quantized_only(qw.dtype, "cpu", 48)
     ref = lin.linear(x, qw, bias, sw)
     only = lin.QuantizedActivation(None, {qw.dtype: lin.quantize_activation(x.reshape(48, -1), qw.dtype)},
@@ -155,7 +181,7 @@ def test_w8a8_error_is_what_quantization_predicts(scheme, backend):
     w = torch.randn(384, 512, generator=gen) / 512**0.5
     qw, sw = quantize_weight(w, scheme)
     qx, sx = lin.quantize_activation_torch(x, qw.dtype)
-    lin.set_gemm_backend(backend)
+    force(backend)
     err = (lin.linear(x, qw, None, sw) - x @ w.t()).pow(2).mean().sqrt().item()
     predicted = _predicted_rms_error(x, w, qx, sx, qw, sw, scheme)
     print(f"{scheme}: rms error {err:.4g}, predicted {predicted:.4g}")

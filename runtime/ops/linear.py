@@ -18,6 +18,7 @@ then quantized once (or arrives already quantized from a fused producer, see nor
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 import threading
@@ -78,11 +79,22 @@ def _triton_unavailable(device: torch.device) -> str | None:
 
 def _scaled_mm_unavailable(device: torch.device) -> str | None:
     if device.type == "cpu":
-        return None  # torch's CPU kernel exists; only chosen when forced (tests)
+        return _cpu_scaled_mm_row_wise()  # only chosen when forced (tests)
     if device.type != "cuda":
         return f"no fp8 GEMM on {device.type}"
     major, minor = torch.cuda.get_device_capability(device)
     return None if (major, minor) >= (8, 9) else f"fp8 tensor cores need sm89+, this GPU is sm{major}{minor}"
+
+
+@functools.cache
+def _cpu_scaled_mm_row_wise() -> str | None:
+    """Whether this torch's CPU _scaled_mm takes row-wise scales (2.13 does; 2.11's takes per-tensor scales only)."""
+    q = torch.zeros((16, 16), dtype=torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(q, q.t(), scale_a=torch.ones((16, 1)), scale_b=torch.ones((1, 16)), out_dtype=torch.bfloat16)
+    except RuntimeError as exc:
+        return f"this torch's CPU _scaled_mm has no row-wise scales ({str(exc).splitlines()[0][:80]})"
+    return None
 
 
 def _int_mm_unavailable(device: torch.device) -> str | None:
@@ -221,10 +233,26 @@ def _run_dequant(a, weight, scale, bias):
     return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
 
 
+def _cublaslt_refuses(q: torch.Tensor, weight: torch.Tensor, multiple: int) -> bool:
+    """cuBLASLt's int8 and fp8 GEMMs need K and N in multiples of 8 / 16 (real Wan widths always are; the tiny
+    models of tests and `wanpack synth --dim-scale tiny` need not be)."""
+    return q.shape[1] % multiple != 0 or weight.shape[0] % multiple != 0
+
+
+def _emulated_gemm(q, xs, weight, scale, bias, dtype: torch.dtype) -> torch.Tensor:
+    """The quantized GEMM in fp32 from the same quantized inputs, for shapes the library GEMM refuses."""
+    y = (q.to(torch.float32) * xs.to(torch.float32)) @ (weight.to(torch.float32) * scale.to(torch.float32)).t()
+    if bias is not None:
+        y.add_(bias.to(torch.float32))
+    return y.to(dtype)
+
+
 def _run_int_mm(a, weight, scale, bias):
     if _rows(a) < _MIN_ROWS["int_mm"]:
         return _run_dequant(a, weight, scale, bias)
     q, xs = _quantized(a, torch.int8)
+    if _cublaslt_refuses(q, weight, 8):
+        return _emulated_gemm(q, xs, weight, scale, bias, a.dtype)
     acc = torch._int_mm(q, weight.t())
     y = acc.to(torch.float32).mul_(xs).mul_(scale.reshape(1, -1).to(torch.float32))
     if bias is not None:
@@ -241,6 +269,8 @@ def _run_triton_int8(a, weight, scale, bias):
 
 def _run_scaled_mm(a, weight, scale, bias):
     q, xs = _quantized(a, torch.float8_e4m3fn)
+    if _cublaslt_refuses(q, weight, 16):
+        return _emulated_gemm(q, xs, weight, scale, bias, a.dtype)
     out_dtype = _gemm_out_dtype(a)
     y = torch._scaled_mm(q, weight.t(), scale_a=xs, scale_b=scale.reshape(1, -1).to(torch.float32),
                          bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
