@@ -351,3 +351,21 @@ def test_the_console_command_ends_with_everything_written(packs, tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["seed"] == record["seed"]
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # the output exists, no --overwrite
     assert again.returncode != 0 and "error:" in again.stderr and again.stdout == ""
+
+
+def test_graph_mode_knob_is_checked_and_run_says_it_runs_eagerly(packs, tmp_path, monkeypatch):
+    """ENABLE_GRAPH_MODE is the seed guide's knob; only `wanpack bench` captures graphs so far, so `run` says it runs
+    eagerly instead of ignoring the setting, and a value that is not true/false is refused like a bad flag."""
+    video = tmp_path / "v.mp4"
+    monkeypatch.setenv("ENABLE_GRAPH_MODE", "true")
+    result = run("run", "--pack", packs["t2v"], "--prompt", "a fox", *TINY_RUN, "--out", video)
+    assert result.exit_code == 0, result.output
+    assert "ENABLE_GRAPH_MODE: CUDA graphs are used by `wanpack bench` only so far" in result.output
+    assert video.exists()
+    monkeypatch.setenv("ENABLE_GRAPH_MODE", "sometimes")
+    _refused(run("run", "--pack", packs["t2v"], "--prompt", "a fox", *TINY_RUN, "--out", tmp_path / "w.mp4"),
+             "ENABLE_GRAPH_MODE='sometimes'")  # fmt: skip
+    assert not (tmp_path / "w.mp4").exists()
+    monkeypatch.setenv("ENABLE_GRAPH_MODE", "false")
+    result = run("run", "--pack", packs["t2v"], "--prompt", "a fox", *TINY_RUN, "--out", tmp_path / "x.mp4")
+    assert result.exit_code == 0 and "ENABLE_GRAPH_MODE" not in result.output, result.output

@@ -4,7 +4,8 @@ PYTORCH_CUDA_ALLOC_CONF  expandable_segments:True unless already set (must happe
                          allocator reads it once). Expandable segments let the activation pool grow and shrink without
                          fragmenting around the fixed slots, which is what keeps peak reserved close to allocated.
 DTYPE                    BF16 (default) | FP16: the compute dtype of activations.
-ENABLE_GRAPH_MODE        true|false (default false): capture each unit's compute in CUDA graphs and replay it.
+ENABLE_GRAPH_MODE        true|false (default false): capture each unit's compute in CUDA graphs and replay it
+                         (`wanpack bench`; `run` and `serve` say they run eagerly).
 
 Not a knob but set the same way, before CUDA starts: threads that wait for the GPU sleep instead of spinning
 (``blocking_sync``). By default CUDA busy-waits in every synchronize, so a 16 s run used 16 s of a core doing nothing.
@@ -52,6 +53,14 @@ def graph_mode(flag: bool | None = None) -> bool:
     if raw in FALSE:
         return False
     raise UsageError(f"ENABLE_GRAPH_MODE={raw!r} is not true or false - set it to true or false")
+
+
+def graph_mode_notice() -> str | None:
+    """What `run` and `serve` say when ENABLE_GRAPH_MODE asks for CUDA graphs, which only `wanpack bench` uses so far
+    (their VRAM and speed in a whole run are not measured yet); None when it is off. A bad value is a UsageError."""
+    if not graph_mode():
+        return None
+    return "ENABLE_GRAPH_MODE: CUDA graphs are used by `wanpack bench` only so far - this run executes eagerly"
 
 
 _CU_CTX_SCHED_MASK = 0x07

@@ -76,6 +76,10 @@ def run(
 
     set_gemm_backend(gemm)
     set_attn_backend(attn)
+    from wanpack.runtime.stream.env import graph_mode_notice
+
+    if notice := graph_mode_notice():
+        err.print(f"[yellow]{escape(notice)}[/]", soft_wrap=True)
     overrides = {"steps": steps, "frames": frames, "height": height, "width": width, "seed": seed,
                  "guidance": guidance, "shift": shift, "sampler": sampler, "negative_prompt": negative_prompt,
                  "vram_budget_gib": budget_gib("--vram-budget", vram_budget),

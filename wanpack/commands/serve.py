@@ -43,6 +43,10 @@ def serve(
         import uvicorn
     except ImportError:
         raise UsageError("wanpack serve needs FastAPI and uvicorn - pip install 'wanpack[serve]'") from None
+    from wanpack.runtime.stream.env import graph_mode_notice
+
+    if notice := graph_mode_notice():
+        err.print(f"[yellow]{escape(notice)}[/]", soft_wrap=True)
     if not 0 < port < 65536:
         raise UsageError(f"--port {port} is not a TCP port - use 1-65535")
     if host not in LOCAL_HOSTS:
