@@ -380,6 +380,19 @@ def test_a_resident_model_keeps_its_slots(packs):
         assert eng.release_device() == 0 and eng.dev.holding
 
 
+def read_all_once_queued(reader, shard, gate: threading.Event, into: list, requests) -> None:
+    """Submit every request (into ``into``) while ``gate`` holds their buffer factories, then open the gate and wait
+    for all of them; the reader and the shard are closed afterwards."""
+    try:
+        into.extend(reader.submit(r) for r in requests)
+        gate.set()
+        for r in into:
+            r.wait(30)
+    finally:
+        reader.close()
+        os.close(shard.fd)
+
+
 def test_buffers_are_made_ahead_of_the_workers_in_the_order_they_read(tmp_path):
     """While the workers read one request, the reader's allocator makes the next requests' buffers, most urgent
     first, so no worker (and no drive) waits on an allocation that could have been done beside the reads."""
@@ -401,15 +414,9 @@ def test_buffers_are_made_ahead_of_the_workers_in_the_order_they_read(tmp_path):
         return make
 
     reader = DiskReader(1, chunk_bytes=4096, delay_s=0.05, allocate_ahead=8)  # one slow worker: 0.8 s per request
-    try:
-        reqs = [reader.submit(ReadRequest(shard, i * size, None, size, f"r{i}", priority=p, make_dest=factory(i)))
-                for i, p in ((0, 0), (1, 2), (2, 1), (3, 1))]  # fmt: skip
-        gate.set()
-        for r in reqs:
-            r.wait(30)
-    finally:
-        reader.close()
-        os.close(shard.fd)
+    reqs: list = []
+    read_all_once_queued(reader, shard, gate, reqs, (ReadRequest(shard, i * size, None, size, f"r{i}", priority=p,
+                         make_dest=factory(i)) for i, p in ((0, 0), (1, 2), (2, 1), (3, 1))))  # fmt: skip
     assert [m for m in made if m[0]] == [(2, "wanpack-alloc"), (3, "wanpack-alloc"), (1, "wanpack-alloc")]
     assert reader.allocated_ahead >= 3
     for i, r in enumerate(reqs):
@@ -459,15 +466,8 @@ def test_the_allocator_stays_a_bounded_number_of_requests_ahead(tmp_path):
         return make
 
     reader = DiskReader(1, chunk_bytes=4096, delay_s=0.02, allocate_ahead=ahead)
-    try:
-        reqs.extend(reader.submit(ReadRequest(shard, i * size, None, size, f"r{i}", make_dest=factory(i)))
-                    for i in range(count))  # fmt: skip
-        gate.set()
-        for r in reqs:
-            r.wait(30)
-    finally:
-        reader.close()
-        os.close(shard.fd)
+    read_all_once_queued(reader, shard, gate, reqs, (ReadRequest(shard, i * size, None, size, f"r{i}",
+                         make_dest=factory(i)) for i in range(count)))  # fmt: skip
     assert sorted(finished_before) == list(range(count))
     by_allocator = [i for i, thread in order if thread == "wanpack-alloc"]
     assert len(by_allocator) >= count - 1  # the worker made at most the first one itself
