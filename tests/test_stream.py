@@ -476,15 +476,20 @@ def test_the_allocator_stays_a_bounded_number_of_requests_ahead(tmp_path):
 
 def test_prefault_makes_a_fresh_buffer_resident():
     """The zero-filling of a host buffer happens in prefault, before cudaHostRegister would do it under its lock."""
-    from wanpack.runtime.stream.reader import aligned_empty, prefault
+    import mmap
+
+    from wanpack.runtime.stream.reader import prefault
 
     def resident_bytes() -> int:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     if not Path("/proc/self/statm").exists():
         pytest.skip("needs Linux /proc")
-    buf = aligned_empty(64 << 20)
+    fresh = mmap.mmap(-1, 64 << 20)  # a new anonymous mapping: none of its pages is resident yet (a heap block may be)
+    buf = torch.frombuffer(fresh, dtype=torch.uint8)
     before = resident_bytes()
     if not prefault(buf):
         pytest.skip("this kernel has no MADV_POPULATE_WRITE")
     assert resident_bytes() - before >= 60 << 20
+    del buf
+    fresh.close()
