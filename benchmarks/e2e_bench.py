@@ -8,10 +8,11 @@ Not a test: prints a table last and writes --json for docs/PERFORMANCE.md. On a 
             sidecar says it decoded in), a bare `import torch` + CUDA start; the raw O_DIRECT read rate
             of the pack's shards with the page cache dropped
   runs      the CLI command exactly as documented (`wanpack run --pack P --preset distill-4step --vram-budget 8 ...`),
-            each a fresh process: cold (page cache dropped first; Triton's kernel cache already warm from an untimed
-            warm-up run), warm, warm with --ram-budget 16, 720p, and `--prompts` with two jobs (the second job is
-            the one that counts). Wall time and CPU time of the process, its sidecar's phases, peak VRAM from NVML
-            (the whole process, CUDA context included) and peak RSS.
+            each a fresh process: cold (the whole page cache dropped first, libraries included; Triton's kernel
+            cache already warm from an untimed warm-up run), cold_pack (only the pack's pages dropped), warm, warm
+            with --ram-budget 16, 720p, and `--prompts` with two jobs (the second job is the one that counts). Wall
+            time and CPU time of the process, its sidecar's phases, peak VRAM from NVML (the whole process, CUDA
+            context included) and peak RSS.
 
     python benchmarks/e2e_bench.py --work /tmp/e2e --json e2e.json [--skip-720p] [--runs warm,prompts] [--layers 40]
 """
@@ -50,10 +51,11 @@ def build_pack(work: Path, layers: int | None) -> tuple[Path, float]:
     return pack, time.perf_counter() - t
 
 
-def drop_caches(pack: Path) -> bool:
+def drop_caches(pack: Path, everything: bool = True) -> bool:
+    """The pack's pages out of the page cache; with ``everything`` the whole cache (torch's libraries too)."""
     from wanpack.runtime.stream.bench import drop_page_cache
 
-    return drop_page_cache([str(p) for p in pack.rglob("*.safetensors")])
+    return drop_page_cache([str(p) for p in pack.rglob("*.safetensors")], everything)
 
 
 def raw_read_rate(pack: Path) -> dict:
@@ -292,7 +294,7 @@ def main() -> None:
     ap.add_argument("--skip-720p", action="store_true")
     ap.add_argument("--runs", default="cold,warm,ram16,prompts,720p",
                     help="which CLI runs, comma-separated (a call too short for all of them can take a part); also "
-                         "sage (--attn sage)")
+                         "sage (--attn sage) and cold_pack (only the pack's pages dropped, the libraries kept)")
     ap.add_argument("--skip-probes", action="store_true", help="skip the video encoder and page-cache probes")
     ap.add_argument("--floors", nargs=4, type=int, metavar=("H", "W", "FRAMES", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -339,6 +341,9 @@ def main() -> None:
     if "cold" in wanted:
         step("drop page cache", lambda: drop_caches(pack))
         runs["cold"] = step("cold 480p", lambda: cli(run_args(pack, "cold.mp4"), args.work, "cold"))
+    if "cold_pack" in wanted:  # what the cold goal's formula counts: the pack's bytes, the libraries still cached
+        step("drop the pack's pages", lambda: drop_caches(pack, everything=False))
+        runs["cold_pack"] = step("cold pack 480p", lambda: cli(run_args(pack, "cold_pack.mp4"), args.work, "cold_pack"))
     if "warm" in wanted:
         runs["warm"] = step("warm 480p", lambda: cli(run_args(pack, "warm.mp4"), args.work, "warm"))
     if "ram16" in wanted:

@@ -44,8 +44,9 @@ def pinned_h2d_peak(device: torch.device, nbytes: int = 512 << 20, repeats: int 
     return nbytes / best / GB
 
 
-def drop_page_cache(paths: list[str]) -> bool:
-    """Evict the files from the page cache (fadvise; plus drop_caches when root). Returns whether drop_caches ran."""
+def drop_page_cache(paths: list[str], everything: bool = True) -> bool:
+    """Evict the files from the page cache (fadvise); with ``everything``, also the whole page cache (drop_caches,
+    when root: a machine just booted, libraries included). Returns whether drop_caches ran."""
     for p in paths:
         try:
             fd = os.open(p, os.O_RDONLY)
@@ -53,6 +54,8 @@ def drop_page_cache(paths: list[str]) -> bool:
             os.close(fd)
         except OSError:
             pass
+    if not everything:
+        return False
     try:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
