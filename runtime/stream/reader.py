@@ -72,18 +72,19 @@ def prefault(buf: torch.Tensor) -> bool:
     """Fault a fresh buffer's pages in before it is page-locked, so the kernel's zero-filling happens here and not
     inside cudaHostRegister, which holds a driver lock that other threads' CUDA calls wait on. Best effort: False
     where the kernel lacks it (the registration then faults the pages in itself)."""
-    libc = _libc()
-    advise = getattr(libc, "madvise", None) if libc is not None else None
-    if advise is None or buf.numel() == 0:
-        return False
-    return advise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(buf.numel()), MADV_POPULATE_WRITE) == 0
+    return buf.numel() > 0 and _madvise(buf.data_ptr(), buf.numel(), MADV_POPULATE_WRITE) == 0
 
 
 def _advise_huge(ptr: int, nbytes: int) -> None:
     """madvise(MADV_HUGEPAGE) where the platform has it; silently nothing elsewhere (it is only a hint)."""
-    advise = getattr(_libc(), "madvise", None) if nbytes else None
-    if advise is not None:
-        advise(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), 14)  # MADV_HUGEPAGE
+    if nbytes:
+        _madvise(ptr, nbytes, 14)  # MADV_HUGEPAGE
+
+
+def _madvise(ptr: int, nbytes: int, advice: int) -> int | None:
+    """libc madvise's return code (errno via ctypes.get_errno), or None where the platform has no madvise."""
+    advise = getattr(_libc(), "madvise", None)
+    return None if advise is None else advise(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), advice)
 
 
 _LIBC: list = []
@@ -430,10 +431,11 @@ def populate_range(view: torch.Tensor, start: int, nbytes: int, shard: ShardFile
     """
     if nbytes <= 0:
         return 0
-    libc = _libc()
-    if libc is not None and getattr(_SCRATCH, "madvise_ok", True):
-        ptr = view.data_ptr() + start
-        if libc.madvise(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), MADV_POPULATE_READ) == 0:
+    rc = None
+    if getattr(_SCRATCH, "madvise_ok", True):
+        rc = _madvise(view.data_ptr() + start, nbytes, MADV_POPULATE_READ)
+    if rc is not None:
+        if rc == 0:
             return nbytes
         err = ctypes.get_errno()
         if err != errno.EINVAL:

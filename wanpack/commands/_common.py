@@ -130,3 +130,11 @@ def byte_progress(label: str, enabled: bool = True) -> Iterator[Callable[[int, i
                       f"about {left:.0f} s left")  # fmt: skip
 
     yield plain
+
+
+def say_graph_mode_is_bench_only() -> None:
+    """`run` and `serve` answer ENABLE_GRAPH_MODE (a bad value is a UsageError) instead of ignoring it."""
+    from wanpack.runtime.stream.env import graph_mode_notice
+
+    if notice := graph_mode_notice():
+        err.print(f"[yellow]{escape(notice)}[/]", soft_wrap=True)

@@ -8,7 +8,15 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from wanpack.commands._common import DeviceOption, RamBudget, VramBudget, allow_fast_exit, budget_gib, guarded
+from wanpack.commands._common import (
+    DeviceOption,
+    RamBudget,
+    VramBudget,
+    allow_fast_exit,
+    budget_gib,
+    guarded,
+    say_graph_mode_is_bench_only,
+)
 from wanpack.commands._progress import RunReporter
 from wanpack.output import err, human_bytes, out, print_json
 
@@ -76,10 +84,7 @@ def run(
 
     set_gemm_backend(gemm)
     set_attn_backend(attn)
-    from wanpack.runtime.stream.env import graph_mode_notice
-
-    if notice := graph_mode_notice():
-        err.print(f"[yellow]{escape(notice)}[/]", soft_wrap=True)
+    say_graph_mode_is_bench_only()
     overrides = {"steps": steps, "frames": frames, "height": height, "width": width, "seed": seed,
                  "guidance": guidance, "shift": shift, "sampler": sampler, "negative_prompt": negative_prompt,
                  "vram_budget_gib": budget_gib("--vram-budget", vram_budget),

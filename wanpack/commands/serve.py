@@ -7,7 +7,14 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from wanpack.commands._common import DeviceOption, RamBudget, VramBudget, budget_gib, guarded
+from wanpack.commands._common import (
+    DeviceOption,
+    RamBudget,
+    VramBudget,
+    budget_gib,
+    guarded,
+    say_graph_mode_is_bench_only,
+)
 from wanpack.output import err
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -43,10 +50,7 @@ def serve(
         import uvicorn
     except ImportError:
         raise UsageError("wanpack serve needs FastAPI and uvicorn - pip install 'wanpack[serve]'") from None
-    from wanpack.runtime.stream.env import graph_mode_notice
-
-    if notice := graph_mode_notice():
-        err.print(f"[yellow]{escape(notice)}[/]", soft_wrap=True)
+    say_graph_mode_is_bench_only()
     if not 0 < port < 65536:
         raise UsageError(f"--port {port} is not a TCP port - use 1-65535")
     if host not in LOCAL_HOSTS:
