@@ -91,19 +91,24 @@ SM89 = GPUTarget("cuda", 89, 32)
 SM89_SMEM_LIMIT = 99 * 1024
 
 
-def sage_sig(pv_fp8: bool) -> dict[str, str]:
-    return {"q_ptr": "*i8", "qs_ptr": "*fp32", "k_ptr": "*i8", "ks_ptr": "*fp32",
-            "v_ptr": "*fp8e4nv" if pv_fp8 else "*bf16", "vs_ptr": "*fp32", "vm_ptr": "*fp32", "o_ptr": "*bf16",
-            "H": "i32", "Lq": "i32", "Lk": "i32", "LQ_PAD": "i32", "LK_PAD": "i32", "stride_vb": "i32",
-            "stride_vl": "i32", "stride_vh": "i32", "stride_ob": "i32", "stride_ol": "i32", "stride_oh": "i32",
-            "LQ_BUCKET": "i32", "LK_BUCKET": "i32"}  # fmt: skip
+def sage_sig(pv_fp8: bool, tma: bool = False, block_n: int = 128, head_dim: int = 128) -> dict[str, str]:
+    """The kernel's signature as the launcher types it: with TMA (sm90), K and fp8 V are descriptors of one tile."""
+    k = f"tensordesc<i8[{block_n}, {head_dim}]>" if tma else "*i8"
+    v = (f"tensordesc<fp8e4nv[{head_dim}, {block_n}]>" if tma else "*fp8e4nv") if pv_fp8 else "*bf16"
+    return {"q_ptr": "*i8", "qs_ptr": "*fp32", "k_ptr": k, "ks_ptr": "*fp32", "v_ptr": v, "vs_ptr": "*fp32",
+            "vm_ptr": "*fp32", "o_ptr": "*bf16", "H": "i32", "Lq": "i32", "Lk": "i32", "LQ_PAD": "i32",
+            "LK_PAD": "i32", "stride_vb": "i32", "stride_vl": "i32", "stride_vh": "i32", "stride_ob": "i32",
+            "stride_ol": "i32", "stride_oh": "i32", "LQ_BUCKET": "i32", "LK_BUCKET": "i32"}  # fmt: skip
 
 
 def compile_sage(config, pv_fp8: bool, target: GPUTarget = SM90, head_dim: int = 128):
+    """As the launcher compiles it: TMA descriptors on sm90 (runtime/ops/sage_attention.uses_tma), loads on sm89."""
     from wanpack.runtime.ops import sage_attention as sa
 
-    const = {"D": head_dim, "K_GROUP": sa.K_GROUP, "PV_FP8": pv_fp8, **config.kwargs}
-    return compile_sm90(sa._sage_attn_kernel, sage_sig(pv_fp8), const, target, num_warps=config.num_warps,
+    tma = target.arch >= 90
+    const = {"D": head_dim, "K_GROUP": sa.K_GROUP, "PV_FP8": pv_fp8, "TMA": tma, **config.kwargs}
+    sig = sage_sig(pv_fp8, tma, config.kwargs["BLOCK_N"], head_dim)
+    return compile_sm90(sa._sage_attn_kernel, sig, const, target, num_warps=config.num_warps,
                         num_stages=config.num_stages)  # fmt: skip
 
 
@@ -116,18 +121,20 @@ def _sage_configs():
 @pytest.mark.parametrize("config", _sage_configs(), ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}"
                          f"w{c.num_warps}s{c.num_stages}")  # fmt: skip
 def test_sage_attention_fp8_compiles_to_pipelined_wgmma(config):
-    """Every autotuned config on sm90: int8 Q.K^T and fp8 P.V both on wgmma, K and V tiles multi-buffered (the key
-    loop is software-pipelined), no int->float conversion instruction (the exact bit trick replaces it)."""
+    """Every autotuned config on sm90: int8 Q.K^T and fp8 P.V both on wgmma, K and V tiles by TMA and
+    multi-buffered (the key loop is software-pipelined), no int->float conversion instruction (the exact bit trick
+    replaces it)."""
     kernel = compile_sage(config, pv_fp8=True)
     ptx = kernel.asm["ptx"]
     assert ".s32.s8.s8" in ptx and ".f32.e4m3.e4m3" in ptx and "wgmma.mma_async" in ptx
     assert "cvt.rn.f32.s32" not in ptx
+    assert "cp.async.bulk.tensor" in ptx  # K and V tiles by TMA
     kv_tile = 2 * config.kwargs["BLOCK_N"] * 128  # one int8 K tile + one e4m3 V tile
     assert 2 * kv_tile <= kernel.metadata.shared <= SMEM_LIMIT
 
 
-@pytest.mark.parametrize(("pv_fp8", "target", "at"), [(False, SM90, 0), (True, SM89, 0), (False, SM89, 0),
-                                                       (True, SM89, 4)], ids=["pv16-sm90", "fp8-sm89", "pv16-sm89",
+@pytest.mark.parametrize(("pv_fp8", "target", "at"), [(False, SM90, 0), (True, SM89, 1), (False, SM89, 1),
+                                                       (True, SM89, 2)], ids=["pv16-sm90", "fp8-sm89", "pv16-sm89",
                                                                               "fp8-sm89-64x64"])  # fmt: skip
 def test_sage_attention_other_paths_compile(pv_fp8, target, at):
     """The 16-bit P.V path on sm90 (wgmma) and both paths on sm89 (mma.sync, e4m3 for fp8), within sm89's shared

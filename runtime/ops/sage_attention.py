@@ -5,17 +5,23 @@ Algorithm, per (batch, head):
 1. K smoothing: K minus its per-channel mean over all tokens. That subtracts q.mean_k from every logit of a query
    row, which softmax ignores; it removes the channel-wise bias that dominates K's range in DiTs, so int8 keeps
    the varying part.
-2. Q is quantized per token, K per group of K_GROUP tokens, symmetric int8 (scale = amax / 127, codes rounded half
-   away from zero). sm_scale * log2(e) is folded into Q's scale, so the kernel's logits are base-2 and exp2 applies.
-   (SageAttention scales Q per block of rows; per token is finer at no cost here: a key tile's logits get one
-   per-row factor in the multiply-add that feeds exp2 either way.)
-3. The kernel: S = int8 dot -> int32 -> fp32 (exact through a float bit trick instead of a slow int->float
-   conversion) times the two scales; online softmax in fp32 (running max and sum); P.V per key tile.
+2. Q is quantized per token, K per group of K_GROUP (128) tokens, symmetric int8 (scale = amax / 127, codes rounded
+   half away from zero). sm_scale * log2(e) is folded into Q's scale, so the kernel's logits are base-2 and exp2
+   applies. A key tile never straddles two K groups, so one tile's logits of a query row share one scale.
+3. The kernel, per key tile: S = int8 dot, accumulated on top of 1.5 * 2^23's bit pattern, so reading the int32 as
+   a float gives 1.5 * 2^23 + S exactly (no int->float conversion, which runs at a quarter of the fp32 rate).
+   Row max on those floats; then one FMA per logit, bits * scale - (1.5 * 2^23 * scale + running max), feeds
+   exp2 (the offset is one fp32 value per row, rounded once: ~1e-4 relative in P at Wan's logit ranges). Online
+   softmax in fp32 (running max and sum), P.V added into the fp32 accumulator.
    - FP8 (``pv_fp8=True``): V smoothed by its per-channel mean, quantized to e4m3 with a per-channel scale
-     (amax / 448) and stored transposed ([D, L], the K-major layout fp8 tensor cores need); P * 448 in e4m3.
-     Each tile's P.V is a fresh dot added to the fp32 accumulator (two-level accumulation: the tensor cores'
-     reduced-precision fp8 accumulator only ever sums one tile). Epilogue: acc * v_scale / (448 * l) + v_mean.
+     (amax / 448) and stored transposed ([D, L], the K-major layout fp8 tensor cores need). P is made as
+     448 * softmax numerator directly (log2(448) is folded into the exp2 offset), cast to e4m3, and chained into the
+     accumulator (on the H200 chaining measured the same error as a fresh fp32 sum per tile, at fewer registers).
+     Epilogue: acc * v_scale / l + v_mean.
    - 16-bit (``pv_fp8=False``): P rounded to V's own dtype, dot with the caller's V, fp32 accumulation.
+   On Hopper (sm90) K and fp8 V tiles arrive by the tensor-memory accelerator (host-made tensor descriptors): it
+   took ~50 registers per thread off the kernel, so more programs share each multiprocessor and one's softmax
+   overlaps another's tensor-core work; elsewhere they are plain loads.
 
 Zero groups get scale 1 (their codes are 0), so no scale is ever 0 and a masked -inf logit never meets a 0 scale.
 K lengths that are not a multiple of the key tile are handled by masking the last tile (the quantized K and V are
@@ -26,8 +32,8 @@ read 2 B + write 1 B; V (fp8 path) mean and min/max read 4 B, quantize read 2 B 
 once per call site (:class:`SageKV`, reused by every query chunk of a DiT block), so at Wan 14B 720p (75600 tokens,
 40 x 128) that is ~4.6 GB per block (~1.6 ms at 3 TB/s) next to 120-200 ms of attention.
 
-Accuracy (CPU, Triton interpreter, ``tests/test_sage_attention.py``, realistic_qkv inputs): cosine to fp32 SDPA
-0.9996-0.9999 with 16-bit P.V, 0.9995-0.9998 with fp8 P.V. Nothing has been measured on a GPU yet; see docs/DIT.md.
+Speed and accuracy measured on an H200 are in docs/PERFORMANCE.md; on CPU the Triton interpreter runs the
+pointer-load path (``tests/test_sage_attention.py``).
 """
 
 from __future__ import annotations
@@ -40,27 +46,45 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (Triton 3.4+)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - pyproject asks for triton>=3.4
+    TensorDescriptor = None
+
 from wanpack.runtime.ops.linear import QMAX
 from wanpack.runtime.ops.triton_kernels import CACHE_TUNING
 
 HEAD_DIMS = (64, 128)  # what the kernel is built for; attention.py sends other head dims to SDPA
-K_GROUP = 64  # tokens sharing one K scale (SageAttention's per-block granularity); also the pre-pass's rows per program
-PAD = 128  # quantized Q, K and V are padded to a multiple of this many tokens (the largest tile)
+K_GROUP = 128  # tokens sharing one K scale (a multiple of every key tile, so a tile has one scale)
+ROWS = 64  # tokens per program in the Q and V pre-passes
+PAD = 128  # quantized Q, K and V are padded to a multiple of this many tokens (the largest tile and K_GROUP)
 _FP8_MAX = QMAX[torch.float8_e4m3fn]  # the kernels write 127 and 448 (linear.QMAX) as literals
 _LOG2E = 1.4426950408889634
+_MAGIC = 12582912.0  # 1.5 * 2^23: an int32 added to its bit pattern reads, as a float, 1.5 * 2^23 + the int
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tile shapes autotuned once per (length buckets, head dim, P.V path). 8 warps = 2 warpgroups of 64 query rows each
-# on Hopper; BLOCK_M 128 with 4 warps spills (ptxas: 300+ bytes of stack per thread). Configs over a card's shared
-# memory (sm89: 99 KiB) are skipped by the autotuner.
-_ATTN_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
-]
+# Tile shapes autotuned once per (length buckets, head dim, P.V path). On an H200 (fp8 P.V, TMA loads) 64 x 128 with
+# 4 warps and 3 stages ran fastest at 32760 and 75600 tokens (779 / 773 TFLOP/s): two programs per multiprocessor
+# at ~180 registers; 128-row tiles with 8 warps hold one program and ran 17% slower. 64 x 128 with 2 stages and 64 x 64
+# fit sm89's 99 KiB of shared memory; configs over a card's shared memory are skipped by the autotuner. 128 x 64 with
+# 8 warps was the 16-bit path's pick before.
+
+
+def _set_descriptor_blocks(nargs: dict) -> None:
+    """Autotuner pre-hook: a TMA descriptor's block is the config's key tile (host descriptors carry their block)."""
+    n, d = nargs["BLOCK_N"], nargs["D"]
+    if TensorDescriptor is not None and isinstance(nargs["k_ptr"], TensorDescriptor):
+        nargs["k_ptr"].block_shape = [n, d]
+    if TensorDescriptor is not None and isinstance(nargs["v_ptr"], TensorDescriptor):
+        nargs["v_ptr"].block_shape = [d, n]
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                         pre_hook=_set_descriptor_blocks)  # fmt: skip
+
+
+_ATTN_CONFIGS = [_config(64, 128, 4, 3), _config(64, 128, 4, 2), _config(64, 64, 4, 3), _config(128, 64, 8, 4)]
 _INTERPRET_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}  # the interpreter cannot time configs; small tiles keep it quick
 
 
@@ -119,38 +143,41 @@ def _quant_v_fp8_kernel(v_ptr, mean_ptr, inv_ptr, out_ptr, L, H, L_PAD, stride_b
 
 
 @triton.jit
-def _exact_f32(acc):
-    """int32 -> fp32 for |acc| < 2^22 (int8 x int8 sums over D <= 256): adding 1.5 * 2^23's bit pattern puts the
-    integer in a float's mantissa; subtracting 1.5 * 2^23 is exact. An integer add and a float add instead of the
-    conversion instruction, which runs at a quarter of the fp32 rate, as slow as the softmax's exp2."""
-    return (acc + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+def _sage_tile(acc, l_i, m_i, q, q_scale, k_src, ks_base, v_src, stride_vl, start, Lk, k_row, v_row, LK_PAD,
+               D: tl.constexpr, K_GROUP: tl.constexpr, PV_FP8: tl.constexpr, TMA: tl.constexpr,
+               MASK: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One key tile of the online softmax: updates (acc [BM, D] fp32, l_i, m_i [BM] fp32) with keys start..+BLOCK_N.
 
-
-@triton.jit
-def _sage_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, stride_vl, start, Lk, L_PAD,
-               D: tl.constexpr, K_GROUP: tl.constexpr, PV_FP8: tl.constexpr, MASK: tl.constexpr,
-               BLOCK_N: tl.constexpr):  # fmt: skip
-    """One key tile of the online softmax: updates (acc [BM, D] fp32, l_i, m_i [BM] fp32) with keys start..+BLOCK_N."""
+    k_src / v_src: TMA descriptors over the 2-D views (TMA) or this head's base pointers; k_row / v_row: this head's
+    first row in the descriptors' views."""
     offs_n = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
-    k = tl.load(k_base + offs_n[:, None] * D + d[None, :])  # [BN, D] int8 (zero-padded: no mask)
-    s = _exact_f32(tl.dot(q, tl.trans(k), out_dtype=tl.int32))
-    if BLOCK_N <= K_GROUP:  # the tile lies in one K group: one scale for the whole tile
-        row_scale = q_scale * tl.load(ks_base + start // K_GROUP)
+    if TMA:
+        k = k_src.load([k_row + start, 0])  # [BN, D] int8
     else:
-        s = s * tl.load(ks_base + offs_n // K_GROUP)[None, :]
-        row_scale = q_scale
+        k = tl.load(k_src + offs_n[:, None] * D + d[None, :])  # zero-padded: no mask
+    # 1.5 * 2^23 + S as a float, exactly (|S| < 2^22: int8 x int8 over D <= 256); the compiler folds the add into
+    # the dot's accumulator start value
+    bits = (tl.dot(q, tl.trans(k), out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
     if MASK:
-        s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1) * row_scale)  # scales are > 0, so the max commutes with them
-    p = tl.math.exp2(s * row_scale[:, None] - m_new[:, None])
+        bits = tl.where(offs_n[None, :] < Lk, bits, float("-inf"))
+    scale = q_scale * tl.load(ks_base + start // K_GROUP)  # [BM]: the tile lies in one K group; scales are > 0
+    m_new = tl.maximum(m_i, (tl.max(bits, axis=1) - 12582912.0) * scale)
+    if PV_FP8:  # P is made as 448 * exp2(logit - max): e4m3's full range, no multiply per element
+        offset = 12582912.0 * scale + (m_new - 8.807354922057604)  # log2(448)
+    else:
+        offset = 12582912.0 * scale + m_new
+    p = tl.math.exp2(bits * scale[:, None] - offset[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if PV_FP8:
-        vt = tl.load(v_base + d[:, None] * L_PAD + offs_n[None, :])  # [D, BN] e4m3, zero-padded
-        acc = acc * alpha[:, None] + tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt))
+        if TMA:
+            vt = v_src.load([v_row, start])  # [D, BN] e4m3, zero-padded
+        else:
+            vt = tl.load(v_src + d[:, None] * LK_PAD + offs_n[None, :])
+        acc = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), acc * alpha[:, None])
     else:
-        v_ptrs = v_base + offs_n.to(tl.int64)[:, None] * stride_vl + d[None, :]
+        v_ptrs = v_src + offs_n.to(tl.int64)[:, None] * stride_vl + d[None, :]
         if MASK:
             v = tl.load(v_ptrs, mask=(offs_n < Lk)[:, None], other=0.0)
         else:
@@ -162,42 +189,43 @@ def _sage_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, stride_vl, st
 @triton.jit(do_not_specialize=["H", "Lq", "Lk", "LQ_BUCKET", "LK_BUCKET"])  # one binary for any lengths
 def _sage_attn_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, o_ptr, H, Lq, Lk, LQ_PAD, LK_PAD,
                       stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh, LQ_BUCKET, LK_BUCKET,
-                      D: tl.constexpr, K_GROUP: tl.constexpr, PV_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):  # fmt: skip
+                      D: tl.constexpr, K_GROUP: tl.constexpr, PV_FP8: tl.constexpr, TMA: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """One program per BLOCK_M queries of one (batch, head); o [B, Lq, H, D] in its own dtype.
 
     q [BH, LQ_PAD, D] int8 with qs [BH, LQ_PAD] (base-2 logit scale folded in); k [BH, LK_PAD, D] int8 smoothed with
     ks [BH, LK_PAD / K_GROUP]; PV_FP8: v [BH, D, LK_PAD] e4m3 with vs, vm [BH, D] (scale, mean), else v is the
-    caller's [B, Lk, H, D] tensor. LQ_BUCKET / LK_BUCKET only key the autotuner.
+    caller's [B, Lk, H, D] tensor. TMA: k (and fp8 v) are descriptors over [BH * LK_PAD, D] (and [BH * D, LK_PAD]).
+    LQ_BUCKET / LK_BUCKET only key the autotuner.
     """
+    tl.static_assert(K_GROUP % BLOCK_N == 0)
     pid_m = tl.program_id(0)  # fastest-varying: consecutive programs share one head's K and V in L2
     bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (bh * LQ_PAD + offs_m)[:, None] * D + d[None, :])
     q_scale = tl.load(qs_ptr + bh * LQ_PAD + offs_m)
-    k_base = k_ptr + bh * LK_PAD * D
     ks_base = ks_ptr + bh * (LK_PAD // K_GROUP)
+    k_row = (bh * LK_PAD).to(tl.int32)
+    v_row = (bh * D).to(tl.int32)
+    k_src = k_ptr if TMA else k_ptr + bh * LK_PAD * D
     if PV_FP8:
-        v_base = v_ptr + bh * D * LK_PAD
+        v_src = v_ptr if TMA else v_ptr + bh * D * LK_PAD
     else:
-        v_base = v_ptr + (bh // H) * stride_vb + (bh % H) * stride_vh
+        v_src = v_ptr + (bh // H) * stride_vb + (bh % H) * stride_vh
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     full = (Lk // BLOCK_N) * BLOCK_N
     for start in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _sage_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, stride_vl, start, Lk, LK_PAD,
-                                   D, K_GROUP, PV_FP8, False, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _sage_tile(acc, l_i, m_i, q, q_scale, k_src, ks_base, v_src, stride_vl, start, Lk, k_row,
+                                   v_row, LK_PAD, D, K_GROUP, PV_FP8, TMA, False, BLOCK_N)  # fmt: skip
     if full < Lk:
-        acc, l_i, m_i = _sage_tile(acc, l_i, m_i, q, q_scale, k_base, ks_base, v_base, stride_vl, full, Lk, LK_PAD,
-                                   D, K_GROUP, PV_FP8, True, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _sage_tile(acc, l_i, m_i, q, q_scale, k_src, ks_base, v_src, stride_vl, full, Lk, k_row,
+                                   v_row, LK_PAD, D, K_GROUP, PV_FP8, TMA, True, BLOCK_N)  # fmt: skip
+    out = acc * (1.0 / l_i)[:, None]  # fp8: l_i sums 448 * numerators, as acc does
     if PV_FP8:
-        vs = tl.load(vs_ptr + bh * D + d)
-        vm = tl.load(vm_ptr + bh * D + d)
-        out = acc * (1.0 / (448.0 * l_i))[:, None] * vs[None, :] + vm[None, :]
-    else:
-        out = acc * (1.0 / l_i)[:, None]
+        out = out * tl.load(vs_ptr + bh * D + d)[None, :] + tl.load(vm_ptr + bh * D + d)[None, :]
     dst = o_ptr + (bh // H) * stride_ob + (bh % H) * stride_oh + offs_m.to(tl.int64)[:, None] * stride_ol + d[None, :]
     tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(offs_m < Lq)[:, None])
 
@@ -209,7 +237,7 @@ def _bench_quickly(kernel_call, quantiles):
 
 
 # The winners are kept in Triton's disk cache where it can (as for the GEMM): tuning took ~11 s per process.
-_tuned_attn = triton.autotune(configs=_ATTN_CONFIGS, key=["LQ_BUCKET", "LK_BUCKET", "D", "PV_FP8"],
+_tuned_attn = triton.autotune(configs=_ATTN_CONFIGS, key=["LQ_BUCKET", "LK_BUCKET", "D", "PV_FP8", "TMA"],
                               do_bench=_bench_quickly, **CACHE_TUNING)(_sage_attn_kernel)  # fmt: skip
 
 
@@ -246,15 +274,16 @@ def _check_shapes(x: torch.Tensor, what: str) -> None:
 
 
 def _quantize_int8(x: torch.Tensor, mean: torch.Tensor | None, per_row: bool, extra_scale: float):
-    """x [B, L, H, D] -> (codes [B*H, L_PAD, D] int8, scales [B*H, L_PAD] per row or [B*H, L_PAD / 64] per group)."""
+    """x [B, L, H, D] -> (codes [B*H, L_PAD, D] int8, scales [B*H, L_PAD] per row or [B*H, L_PAD / K_GROUP] per group)."""
     b, n, h, d = x.shape
     n_pad = _padded(n)
+    rows = ROWS if per_row else K_GROUP  # a program sees one whole K group
     codes = torch.empty((b * h, n_pad, d), dtype=torch.int8, device=x.device)
     scales = torch.empty((b * h, n_pad if per_row else n_pad // K_GROUP), dtype=torch.float32, device=x.device)
-    _quant_int8_kernel[(n_pad // K_GROUP, b * h)](x, mean if mean is not None else scales, codes, scales, n, h,
-                                                      n_pad, x.stride(0), x.stride(1), x.stride(2), extra_scale, D=d,
-                                                      ROWS=K_GROUP, PER_ROW=per_row, SMOOTH=mean is not None,
-                                                      num_warps=4)  # fmt: skip
+    _quant_int8_kernel[(n_pad // rows, b * h)](x, mean if mean is not None else scales, codes, scales, n, h, n_pad,
+                                               x.stride(0), x.stride(1), x.stride(2), extra_scale, D=d, ROWS=rows,
+                                               PER_ROW=per_row, SMOOTH=mean is not None,
+                                               num_warps=4 if rows * d <= 8192 else 8)  # fmt: skip
     return codes, scales
 
 
@@ -287,8 +316,8 @@ def prepare_kv(k: torch.Tensor, v: torch.Tensor, pv_fp8: bool, smooth_k: bool = 
     n_pad = _padded(n)
     vt = torch.empty((b * h, d, n_pad), dtype=torch.float8_e4m3fn, device=v.device)
     mean_v = mean_v.reshape(b * h, d).contiguous()
-    _quant_v_fp8_kernel[(n_pad // K_GROUP, b * h)](v, mean_v, inv.contiguous(), vt, n, h, n_pad, v.stride(0),
-                                                       v.stride(1), v.stride(2), D=d, ROWS=K_GROUP,
+    _quant_v_fp8_kernel[(n_pad // ROWS, b * h)](v, mean_v, inv.contiguous(), vt, n, h, n_pad, v.stride(0),
+                                                    v.stride(1), v.stride(2), D=d, ROWS=ROWS,
                                                        num_warps=4)  # fmt: skip
     return SageKV(k8, k_scale, vt, v_scale.contiguous(), mean_v, b, h, n, True)
 
@@ -307,21 +336,36 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
         raise ValueError(f"q {tuple(q.shape)} does not match the prepared K/V (batch {kv.batch}, heads {kv.heads})")
     q8, q_scale = quantize_queries(q)
     out = torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device)
-    v_strides = (0, 0, 0) if kv.pv_fp8 else (kv.v.stride(0), kv.v.stride(1), kv.v.stride(2))
-    dummy = q_scale  # any pointer: the 16-bit path reads no V scale or mean
-    args = (q8, q_scale, kv.k8, kv.k_scale, kv.v, kv.v_scale if pv_fp8 else dummy, kv.v_mean if pv_fp8 else dummy,
-            out, h, lq, kv.length, q8.shape[1], kv.k8.shape[1], *v_strides, out.stride(0), out.stride(1),
-            out.stride(2), min(triton.next_power_of_2(lq), 65536), min(triton.next_power_of_2(kv.length), 65536))  # fmt: skip
     if tile is None and _INTERPRET:
         tile = _INTERPRET_TILE
+    tma = uses_tma(q.device)
+    k_src, v_src = kv.k8, kv.v
+    if tma:  # blocks are placeholders until the tile is known (the autotuner's pre-hook sets them)
+        block_n = tile["BLOCK_N"] if tile is not None else PAD
+        k_src = TensorDescriptor.from_tensor(kv.k8.reshape(-1, d), [block_n, d])
+        if pv_fp8:
+            v_src = TensorDescriptor.from_tensor(kv.v.reshape(-1, kv.v.shape[-1]), [d, block_n])
+    v_strides = (0, 0, 0) if kv.pv_fp8 else (kv.v.stride(0), kv.v.stride(1), kv.v.stride(2))
+    dummy = q_scale  # any pointer: the 16-bit path reads no V scale or mean
+    args = (q8, q_scale, k_src, kv.k_scale, v_src, kv.v_scale if pv_fp8 else dummy, kv.v_mean if pv_fp8 else dummy,
+            out, h, lq, kv.length, q8.shape[1], kv.k8.shape[1], *v_strides, out.stride(0), out.stride(1),
+            out.stride(2), min(triton.next_power_of_2(lq), 65536), min(triton.next_power_of_2(kv.length), 65536))  # fmt: skip
+    # fused multiply-adds keep the exp2 argument's rounding at one step (Triton 3.10 stops fusing by default)
+    consts = {"D": d, "K_GROUP": K_GROUP, "PV_FP8": pv_fp8, "TMA": tma, "enable_fp_fusion": True}
     if tile is not None:
         meta = {k_: tile[k_] for k_ in ("BLOCK_M", "BLOCK_N")}
         launch = {k_: tile[k_] for k_ in ("num_warps", "num_stages") if k_ in tile}
         grid = (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
-        _sage_attn_kernel[grid](*args, D=d, K_GROUP=K_GROUP, PV_FP8=pv_fp8, **meta, **launch)
+        _sage_attn_kernel[grid](*args, **consts, **meta, **launch)
     else:
-        _tuned_attn[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h)](*args, D=d, K_GROUP=K_GROUP, PV_FP8=pv_fp8)
+        _tuned_attn[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h)](*args, **consts)
     return out
+
+
+def uses_tma(device: torch.device) -> bool:
+    """Whether K / V tiles come by TMA descriptors: Hopper and newer, compiled (the interpreter loads plainly)."""
+    return (TensorDescriptor is not None and not _INTERPRET and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)  # fmt: skip
 
 
 def tuned_configs() -> dict[str, str]:
