@@ -8,10 +8,14 @@
 - ``sageattn-pkg`` the sageattention package's sageattn (int8 Q.K^T, Triton), when installed; only when forced.
 - ``sdpa``         torch SDPA with its own kernel choice: the CPU path and the fallback everywhere.
 
-The quantized backends change the numbers. ``auto`` considers ``sage`` / ``sage-pv16`` (before cuDNN) only when
-WANPACK_SAGE_AUTO=1: until a GPU run shows them faster than cuDNN, the default stays cuDNN / flash-attn. Every
-candidate passes a self-check once per device on realistic inputs (:func:`realistic_qkv`) against fp32 SDPA:
-cosine similarity >= COSINE_MIN and relative L2 error <= REL_L2_MAX, else the next one is tried.
+The quantized backends change the numbers (cosine >= 0.9999 per call against fp32 on realistic inputs at Wan
+sizes; a 14B int8 block's update error within 1.2x of the int8 scheme's bound). ``auto`` tries ``sage`` first where
+it runs (sm89+: fp8 tensor cores), since on an H200 it measured 1.36x cuDNN at Wan 14B's 480p and 720p self-attention
+(docs/PERFORMANCE.md). WANPACK_SAGE_AUTO picks what ``auto`` considers: ``0`` exact kernels only; unset or ``1``
+``sage`` first; ``all`` also ``sage-pv16`` (for sm80-sm86 cards: no GPU of that kind has measured it, and on the H200
+it ran at 0.91x cuDNN). Every candidate passes a self-check once per device on realistic inputs
+(:func:`realistic_qkv`) against fp32 SDPA: cosine similarity >= COSINE_MIN and relative L2 error <= REL_L2_MAX,
+else the next one is tried.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from wanpack.errors import UsageError, WanpackError
 from wanpack.runtime.ops.check_cache import checked
 from wanpack.runtime.ops.devices import concrete_device
 
-SAGE_AUTO_ENV = "WANPACK_SAGE_AUTO"  # "1": let `auto` pick our quantized kernel (see module docstring)
+SAGE_AUTO_ENV = "WANPACK_SAGE_AUTO"  # "0" / "1" (default) / "all": which quantized kernels `auto` tries first
 COSINE_MIN = 0.999  # per call, against fp32 SDPA on the same inputs
 REL_L2_MAX = 0.05  # ||out - ref|| / ||ref||; the fp8 P.V path measures ~0.03 on realistic_qkv
 
@@ -136,12 +140,18 @@ def set_attn_backend(name: str | None) -> None:
     if name is not None and name not in ATTN_CHOICES:
         raise UsageError(f"unknown --attn {name!r} - choose one of: {', '.join(ATTN_CHOICES)}")
     _forced = None if name in (None, "auto") else name
+    if _forced is None:
+        sage_in_auto()  # a bad WANPACK_SAGE_AUTO is a usage error now, not at the first attention call
     _chosen.clear()
 
 
-def sage_in_auto() -> bool:
-    """Whether ``auto`` may pick the quantized kernel (WANPACK_SAGE_AUTO=1), read at each choice."""
-    return os.environ.get(SAGE_AUTO_ENV, "0") == "1"
+def sage_in_auto() -> tuple[str, ...]:
+    """The quantized backends ``auto`` tries before the exact ones (WANPACK_SAGE_AUTO), read at each choice."""
+    value = os.environ.get(SAGE_AUTO_ENV, "1").strip().lower()
+    choices = {"0": (), "1": ("sage",), "all": ("sage", "sage-pv16")}
+    if value not in choices:
+        raise UsageError(f"{SAGE_AUTO_ENV}={value!r} is not one of 0, 1, all - unset it or pick one")
+    return choices[value]
 
 
 def attn_backend(device: torch.device | str) -> AttnBackend:
@@ -155,7 +165,7 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
     """The backends ``auto`` tries on a CUDA device, best first."""
     hopper = torch.cuda.get_device_capability(device)[0] == 9
     order = ("cudnn", "flash", "sdpa") if hopper else ("flash", "sdpa")
-    return (("sage", "sage-pv16") if sage_in_auto() else ()) + order
+    return sage_in_auto() + order
 
 
 def _choose(device: torch.device) -> AttnBackend:

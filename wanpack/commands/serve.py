@@ -51,6 +51,9 @@ def serve(
     except ImportError:
         raise UsageError("wanpack serve needs FastAPI and uvicorn - pip install 'wanpack[serve]'") from None
     say_graph_mode_is_bench_only()
+    from wanpack.runtime.ops.attention import set_attn_backend
+
+    set_attn_backend(None)  # checks WANPACK_SAGE_AUTO before the server starts
     if not 0 < port < 65536:
         raise UsageError(f"--port {port} is not a TCP port - use 1-65535")
     if host not in LOCAL_HOSTS:
