@@ -161,11 +161,13 @@ def priming_bytes(shapes: list[tuple[int, int]], batch: int, heads: int, head_di
 
 def prime_attention(shapes: list[tuple[int, int]], batch: int, heads: int, head_dim: int, dtype: torch.dtype,
                     device: torch.device) -> dict[str, float]:  # fmt: skip
-    """Call attention once per (query rows, key rows) on zeros laid out as the DiT lays them out; returns the seconds
-    each shape took ("8190x32760": ...).
+    """Call attention once per (query rows, key rows) on random data laid out as the DiT lays them out; returns the
+    seconds each shape took ("8190x32760": ...).
 
     PyTorch keeps cuDNN's attention plans in a per-thread cache and builds one the first time a thread meets a
-    shape, so this runs on the thread that will sample, while it would otherwise wait (the text phase).
+    shape, so this runs on the thread that will sample, while it would otherwise wait (the text phase). The sage
+    kernel autotunes its tiles at its first call of a length bucket and keeps the choice on disk: random inputs,
+    not zeros, so that it times the tensor cores on data like the run's.
     """
     from wanpack.runtime.ops.attention import attention
 
@@ -173,8 +175,8 @@ def prime_attention(shapes: list[tuple[int, int]], batch: int, heads: int, head_
     with torch.inference_mode():
         for rows, keys in shapes:
             t = time.perf_counter()
-            q = torch.zeros((batch, rows, heads, head_dim), dtype=dtype, device=device)
-            kv = torch.zeros((batch, keys, heads, head_dim), dtype=dtype, device=device)
+            q = torch.randn((batch, rows, heads, head_dim), dtype=dtype, device=device)
+            kv = torch.randn((batch, keys, heads, head_dim), dtype=dtype, device=device)
             attention(q, kv, kv)
             del q, kv
             if device.type == "cuda":
