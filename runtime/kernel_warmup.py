@@ -153,10 +153,13 @@ def attention_shapes(tokens: int, chunk: int, context: tuple[int, ...]) -> list[
     return [(q, k) for q in queries for k in (tokens, *context)]
 
 
-def priming_bytes(shapes: list[tuple[int, int]], batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """The most device memory one priming call holds: q, one tensor standing for both k and v, and the output."""
+def priming_bytes(shapes: list[tuple[int, int]], batch: int, heads: int, head_dim: int, dtype: torch.dtype,
+                  quantized: bool = False) -> int:  # fmt: skip
+    """The most device memory one priming call holds: q, one tensor standing for both k and v, and the output; with
+    ``quantized`` (the sage kernel) also its one-byte copies of q, k and v (its per-row scales add under 4%)."""
     item = torch.empty((), dtype=dtype).element_size()
-    return max((2 * rows + keys) * batch * heads * head_dim * item for rows, keys in shapes) if shapes else 0
+    per_element = [(2 * rows + keys) * item + ((rows + 2 * keys) if quantized else 0) for rows, keys in shapes]
+    return max(per_element) * batch * heads * head_dim if shapes else 0
 
 
 def prime_attention(shapes: list[tuple[int, int]], batch: int, heads: int, head_dim: int, dtype: torch.dtype,

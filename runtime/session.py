@@ -36,6 +36,7 @@ from wanpack.manifests.arch import VAEConfig, config_from_dict
 from wanpack.manifests.pack_lock import pinned_pack
 from wanpack.manifests.run_config import RunConfig
 from wanpack.runtime.kernel_warmup import KernelWarmup, attention_shapes, prime_attention, priming_bytes
+from wanpack.runtime.ops.attention import attn_backend
 from wanpack.runtime.ops.devices import wait_for_gpu
 from wanpack.runtime.ops.triton_preload import report as triton_preload_report
 from wanpack.runtime.pack import PackComponent
@@ -387,15 +388,17 @@ class Session:
             self.details[f"kernel_warmup_wait_{stage}_s"] = round(self._warmup.wait(stage), 3)
 
     def _prime_attention(self, plan: RunPlan, task: str, batch: int) -> None:
-        """cuDNN's plans for the DiT's attention shapes, built on this thread while it waits for the text encoder's
-        kernels (see kernel_warmup.prime_attention); once per set of shapes in a session, and only where its scratch
-        fits the room the plan keeps for the encoder's work beside the slots."""
+        """The DiT's attention ready for its shapes (cuDNN's plans, or the sage kernel's tile choice), made on this
+        thread while it waits for the text encoder's kernels (see kernel_warmup.prime_attention); once per set of
+        shapes in a session, and only where its scratch fits the room the plan keeps for the encoder's work beside
+        the slots."""
         if self.device.type != "cuda" or plan.dit is None:
             return
         cfg = config_from_dict(self.manifest.component("dit").config)
         context = (cfg.text_len, cfg.image_tokens) if task == "i2v" else (cfg.text_len,)
         shapes = [s for s in attention_shapes(plan.dit.tokens, plan.ffn_chunk, context) if (batch, s) not in self._primed]
-        if priming_bytes(shapes, batch, cfg.num_heads, cfg.head_dim, self.dtype) > ENCODER_WORKSPACE:
+        quantized = attn_backend(self.device).name.startswith("sage")
+        if priming_bytes(shapes, batch, cfg.num_heads, cfg.head_dim, self.dtype, quantized) > ENCODER_WORKSPACE:
             return  # the text phase's room beside the slots would not hold it: step 1 plans these shapes itself
         if shapes:
             seconds = prime_attention(shapes, batch, cfg.num_heads, cfg.head_dim, self.dtype, self.device)

@@ -95,6 +95,11 @@ def test_prime_attention_calls_each_shape_laid_out_as_the_dit_does(monkeypatch):
 def test_priming_scratch_is_counted_for_the_largest_shape():
     # 480p: q 8190 x 40 x 128 bf16 twice (q and the output) and one 32760-row tensor standing for k and v
     assert kw.priming_bytes([(8190, 32760), (8190, 512)], 1, 40, 128, torch.bfloat16) == (2 * 8190 + 32760) * 10240
+    # the sage kernel adds its one-byte copies of q, k and v: at 720p (e.g. 4864-row chunks of 75600 tokens) that takes
+    # priming over the encoder's 1 GiB of room, so step 1 makes its first call instead
+    quantized = kw.priming_bytes([(8190, 32760)], 1, 40, 128, torch.bfloat16, quantized=True)
+    assert quantized == (2 * 8190 + 32760) * 10240 + (8190 + 2 * 32760) * 5120
+    assert kw.priming_bytes([(4864, 75600)], 1, 40, 128, torch.bfloat16, quantized=True) > 2**30
     assert kw.priming_bytes([(7560, 75600)], 1, 40, 128, torch.bfloat16) < 1 << 30  # 720p still fits the 1 GiB room
     assert kw.priming_bytes([], 1, 40, 128, torch.bfloat16) == 0
 
