@@ -212,20 +212,32 @@ def test_self_check_needs_both_cosine_and_magnitude():
     assert not attn._self_check(fake(lambda o: o + 0.1 * o.std() * torch.randn_like(o)), cpu)
 
 
-def test_unserved_head_dim_and_fp32_take_sdpa(monkeypatch):
-    """A chosen sage backend sends head dims it is not built for (and fp32) to SDPA, and the report says so."""
+def test_unserved_head_dim_goes_to_the_exact_backend_and_fp32_to_sdpa(monkeypatch):
+    """A chosen sage backend sends head dims it is not built for to the best exact backend (cuDNN on Hopper; here a
+    stand-in), fp32 to SDPA, and the report names what served."""
     pytest.importorskip("triton")
     cpu = torch.device("cpu")
+    exact = attn.AttnBackend("exact-stand-in", lambda d: None, lambda q, k, v, p: attn._sdpa(q, k, v))
     monkeypatch.setitem(attn._chosen, cpu, attn.BACKENDS["sage"])
+    monkeypatch.setitem(attn._exact, cpu, exact)
     monkeypatch.setattr(attn, "_ran", {})
     q, k, v = (torch.randn(1, 9, 2, 32, dtype=torch.bfloat16) for _ in range(3))
-    out = attn.attention(q, k, v)
-    torch.testing.assert_close(out, attn._sdpa(q, k, v))
-    assert attn.attention_ran(cpu) == ["sdpa"]
+    torch.testing.assert_close(attn.attention(q, k, v), attn._sdpa(q, k, v))
+    assert attn.attention_ran(cpu) == ["exact-stand-in"]
+    attn.attention(q.float(), k.float(), v.float())
+    assert attn.attention_ran(cpu) == ["exact-stand-in", "sdpa"]
     from wanpack.runtime.ops.report import backend_info
 
     info = backend_info(cpu)
-    assert info["attention"] == "sage" and info["attention_ran"] == "sdpa"
+    assert info["attention"] == "sage" and info["attention_ran"] == "exact-stand-in,sdpa"
+
+
+def test_exact_backend_skips_the_quantized_ones(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert attn.auto_order(torch.device("cuda", 0), exact_only=True) == ("cudnn", "flash", "sdpa")
+    assert attn.exact_backend("cpu").name == "sdpa"
+    attn.set_attn_backend("sage")  # forced: the exact fallback is still auto's exact choice
+    assert attn.exact_backend("cpu").name == "sdpa"
 
 
 # ------------------------------------------------------------------------------------------------ GPU

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
-from wanpack.runtime.serve import JobServer, create_app
-from wanpack.runtime.session import Session
+TestClient = pytest.importorskip("fastapi.testclient").TestClient  # the `serve` extra; the GPU box lacks it
+
+from wanpack.runtime.serve import JobServer, create_app  # noqa: E402
+from wanpack.runtime.session import Session  # noqa: E402
 
 SMALL = {"frames": 5, "height": 32, "width": 32, "steps": 2}
 

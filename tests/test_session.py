@@ -21,7 +21,7 @@ from wanpack.runtime.pack import PackComponent
 from wanpack.runtime.video import VideoWriter, read_video_info
 
 runner = CliRunner()
-SMALL = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "2"]
+SMALL = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "2", "--device", "cpu"]  # CPU also on a GPU box
 
 
 @pytest.fixture(scope="module")

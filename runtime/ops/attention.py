@@ -131,6 +131,7 @@ ATTN_CHOICES = ("auto", *BACKENDS)
 
 _forced: str | None = None
 _chosen: dict[torch.device, AttnBackend] = {}
+_exact: dict[torch.device, AttnBackend] = {}
 _ran: dict[torch.device, set[str]] = {}
 
 
@@ -143,6 +144,7 @@ def set_attn_backend(name: str | None) -> None:
     if _forced is None:
         sage_in_auto()  # a bad WANPACK_SAGE_AUTO is a usage error now, not at the first attention call
     _chosen.clear()
+    _exact.clear()
 
 
 def sage_in_auto() -> tuple[str, ...]:
@@ -161,22 +163,31 @@ def attn_backend(device: torch.device | str) -> AttnBackend:
     return _chosen[device]
 
 
-def auto_order(device: torch.device) -> tuple[str, ...]:
-    """The backends ``auto`` tries on a CUDA device, best first."""
+def auto_order(device: torch.device, exact_only: bool = False) -> tuple[str, ...]:
+    """The backends ``auto`` tries on a CUDA device, best first (``exact_only``: without the quantized ones)."""
     hopper = torch.cuda.get_device_capability(device)[0] == 9
     order = ("cudnn", "flash", "sdpa") if hopper else ("flash", "sdpa")
-    return sage_in_auto() + order
+    return order if exact_only else sage_in_auto() + order
 
 
-def _choose(device: torch.device) -> AttnBackend:
-    if _forced is not None:
+def exact_backend(device: torch.device | str) -> AttnBackend:
+    """The best exact backend for ``device``: what serves the shapes a quantized backend does not take (head dims
+    other than 64 and 128), whether the quantized one was forced or picked by ``auto``."""
+    device = concrete_device(device)
+    if device not in _exact:
+        _exact[device] = _choose(device, exact_only=True)
+    return _exact[device]
+
+
+def _choose(device: torch.device, exact_only: bool = False) -> AttnBackend:
+    if _forced is not None and not exact_only:
         why = BACKENDS[_forced].unavailable(device)
         if why:
             raise WanpackError(f"--attn {_forced} is not available on {device}: {why} - install it or pass --attn auto")
         return BACKENDS[_forced]
     if device.type != "cuda":
         return BACKENDS["sdpa"]
-    for name in auto_order(device):
+    for name in auto_order(device, exact_only):
         if BACKENDS[name].unavailable(device) is None and checked("attention", name, device,
                                                                   lambda b=BACKENDS[name]: _self_check(b, device)):
             return BACKENDS[name]
@@ -241,13 +252,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: Prepa
     """softmax(q k^T / sqrt(D)) v over all keys (Wan never masks when sequences are not padded).
 
     Shapes: q [B, Lq, H, D], k and v [B, Lk, H, D] (last dim contiguous) -> [B, Lq, H, D] in q's dtype.
-    fp32 (the reference path) always takes plain SDPA: the other kernels take fp16/bf16 only; so do shapes a backend
-    does not serve. ``prepared``: a dict the caller keeps while k and v stay unchanged (all query chunks of one
-    self-attention), where a backend that preprocesses K/V (sage quantizes them) keeps its work for the next call.
+    fp32 (the reference path) always takes plain SDPA: the other kernels take fp16/bf16 only. Shapes the chosen
+    backend does not serve go to the best exact one (:func:`exact_backend`: cuDNN on Hopper). ``prepared``: a dict
+    the caller keeps while k and v stay unchanged (all query chunks of one self-attention), where a backend that
+    preprocesses K/V (sage quantizes them) keeps its work for the next call.
     """
     backend = attn_backend(q.device) if q.dtype in (torch.float16, torch.bfloat16) else BACKENDS["sdpa"]
     if not backend.takes(q):
-        backend = BACKENDS["sdpa"]
+        backend = exact_backend(q.device)
     _ran.setdefault(q.device, set()).add(backend.name)
     return backend.run(q, k, v, prepared)
 

@@ -18,7 +18,8 @@ def backend_info(device: torch.device | str) -> dict[str, str]:
     """{'bf16': 'matmul', 'int8': ..., 'fp8': ..., 'attention': ..., 'attention_ran': ..., 'norms': ...}.
 
     'attention' is the backend chosen for 16-bit inputs; 'attention_ran' lists (comma-separated) those that served
-    calls so far, which adds 'sdpa' for fp32 inputs and shapes the chosen one does not take ('-' before any call).
+    calls so far, which adds 'sdpa' for fp32 inputs and the best exact backend for shapes the chosen one does not take
+    ('-' before any call).
     """
     device = torch.device(device)
     return {**describe_gemm(device), "attention": attn_backend(device).name,
