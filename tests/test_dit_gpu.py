@@ -10,6 +10,7 @@ from wanpack.convert.quantize import quantize_weight
 from wanpack.convert.synth import random_block_weights
 from wanpack.manifests.arch import dit_config, dit_tensors
 from wanpack.runtime.models import dit
+from wanpack.runtime.ops import attention as attn
 from wanpack.runtime.ops import linear as lin
 from wanpack.runtime.ops.report import report_backends
 
@@ -92,6 +93,17 @@ def _block(cfg, scheme):
 
 @pytest.mark.parametrize("arch", ["wan2.1-t2v-14b", "wan2.1-i2v-14b"])
 def test_14b_block_schemes_against_fp32(arch):
+    """The weight schemes' own error, so with exact attention: `auto`'s quantized sage kernel adds its share (on an
+    H200 the bf16 block's error rose from 0.0045 to 0.012-0.019, and its fp8 P depends on the key tile, so chunked
+    and unchunked queries differed by 0.7-1.0%); test_sage_attention bounds the block with sage."""
+    attn.set_attn_backend(attn.exact_backend(DEV).name)
+    try:
+        _block_schemes_against_fp32(arch)
+    finally:
+        attn.set_attn_backend(None)
+
+
+def _block_schemes_against_fp32(arch):
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = dit_config(arch, layers=1)
     grid = (4, 16, 32)  # 2048 tokens
