@@ -22,6 +22,7 @@ import torch
 from wanpack.errors import UsageError
 from wanpack.manifests.format import Manifest
 from wanpack.manifests.run_config import RunConfig
+from wanpack.runtime.ops.attention import may_quantize
 from wanpack.runtime.pack import PackComponent
 from wanpack.runtime.stream.engine import StreamOptions
 from wanpack.runtime.stream.planner import FRAGMENTATION, BudgetError, Plan, detect_budgets, plan
@@ -144,7 +145,8 @@ def plan_run(pack_root, manifest: Manifest, cfg: RunConfig, *, device: torch.dev
     dit_plan = plan(comps["dit"], vram_budget=vram, ram_budget=ram - encoder_ring, width=width, height=height,
                     frames=cfg.frames, granularity=granularity, disk_workers=cfg.num_disk_workers or DISK_WORKERS,
                     cache="none" if explicit.get("lazy_load") else "auto",
-                    allow_model=explicit.get("cpu_offload") is not True, chunk=cfg.chunk_tokens)  # fmt: skip
+                    allow_model=explicit.get("cpu_offload") is not True, chunk=cfg.chunk_tokens,
+                    quantized_attention=may_quantize(device))  # fmt: skip
     notes = list(dit_plan.notes)
     dit_static = dit_plan.peak_vram - int(dit_plan.activation_bytes * (1 + FRAGMENTATION))  # weights and slots
     ram_left = ram - dit_plan.peak_rss - encoder_ring

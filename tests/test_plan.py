@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from stream_packs import make_pack
 from typer.testing import CliRunner
 
@@ -141,10 +142,48 @@ def test_activation_model_matches_the_dit_accounting():
     for arch in ("wan2.1-t2v-14b", "wan2.1-i2v-14b"):
         cfg = dit_config(arch)
         for latent in ((21, 60, 104), (21, 90, 160)):
-            parts = dit.activation_memory(cfg, latent, opts=dit.DiTOptions(chunk_tokens=4096))
-            ours = planner.activation_bytes(config_to_dict(cfg), parts["tokens"], 4096, cfg.num_layers)
-            theirs = parts["peak"] + (cfg.num_layers - 1) * parts["cross_kv"]  # the cache holds every block's K/V
-            assert abs(ours - theirs) <= 0.01 * theirs
+            for quantized in (False, True):  # the sage kernel's one-byte K/V copies
+                parts = dit.activation_memory(cfg, latent, opts=dit.DiTOptions(chunk_tokens=4096),
+                                              quantized_attention=quantized)  # fmt: skip
+                ours = planner.activation_bytes(config_to_dict(cfg), parts["tokens"], 4096, cfg.num_layers, quantized)
+                theirs = parts["peak"] + (cfg.num_layers - 1) * parts["cross_kv"]  # the cache holds every block's K/V
+                assert abs(ours - theirs) <= 0.01 * theirs
+                assert parts["quantized_kv"] == (2 * parts["tokens"] * cfg.dim if quantized else 0)
+
+
+def test_quantized_attention_needs_its_kv_copies_counted(pack):
+    """With the sage kernel the plan reserves 2*L*d bytes more (x FRAGMENTATION) for its int8 K and fp8 V; a budget
+    that fits only without them moves to the next plan down."""
+    pc = PackComponent(pack, "dit")
+    d = pc.entry.config["dim"]
+    base = plan(pc, vram_budget=64 * GiB, ram_budget=64 * GiB, width=832, height=480, frames=81, granularity="block")
+    quant = plan(pc, vram_budget=64 * GiB, ram_budget=64 * GiB, width=832, height=480, frames=81, granularity="block",
+                 quantized_attention=True)  # fmt: skip
+    assert quant.activation_bytes - base.activation_bytes == 2 * base.tokens * d
+    assert quant.peak_vram - base.peak_vram == int(quant.activation_bytes * 1.1) - int(base.activation_bytes * 1.1)
+    tight = plan(pc, vram_budget=base.peak_vram, ram_budget=64 * GiB, width=832, height=480, frames=81,
+                 granularity="block", quantized_attention=True)  # fmt: skip
+    assert (tight.device_slots, tight.ffn_chunk) < (base.device_slots, base.ffn_chunk) and tight.peak_vram <= base.peak_vram
+
+
+def test_may_quantize_follows_the_forced_backend_and_auto(monkeypatch):
+    from wanpack.runtime.ops import attention as attn
+
+    monkeypatch.delenv(attn.SAGE_AUTO_ENV, raising=False)
+    try:
+        assert not attn.may_quantize("cpu")  # sage needs CUDA
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setitem(attn.BACKENDS, "sage", attn.AttnBackend("sage", lambda dev: None, attn._sdpa))
+        assert attn.may_quantize(torch.device("cuda", 0))
+        monkeypatch.setenv(attn.SAGE_AUTO_ENV, "0")
+        assert not attn.may_quantize(torch.device("cuda", 0))
+        attn.set_attn_backend("sage")
+        assert attn.may_quantize(torch.device("cuda", 0))
+        attn.set_attn_backend("cudnn")
+        assert not attn.may_quantize(torch.device("cuda", 0))
+    finally:
+        monkeypatch.delenv(attn.SAGE_AUTO_ENV, raising=False)
+        attn.set_attn_backend(None)
 
 
 def _one_line_usage_error(res, fragment: str) -> None:

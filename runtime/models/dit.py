@@ -380,11 +380,12 @@ def latent_shape(height: int, width: int, frames: int) -> tuple[int, int, int]:
 
 
 def activation_memory(cfg: DiTConfig, latent_shape: tuple[int, int, int], *, batch: int = 1,
-                      opts: DiTOptions | None = None,
-                      residual_dtype: torch.dtype | None = None) -> dict[str, int]:  # fmt: skip
+                      opts: DiTOptions | None = None, residual_dtype: torch.dtype | None = None,
+                      quantized_attention: bool = False) -> dict[str, int]:  # fmt: skip
     """Estimated peak activation bytes of one block at a latent size (F, H, W), chunking included.
 
-    Parts: the residual, self-attention K and V (full length), RoPE tables, one chunk's temporaries, cross K/V.
+    Parts: the residual, self-attention K and V (full length), RoPE tables, one chunk's temporaries, cross K/V, and
+    with ``quantized_attention`` the sage kernel's int8 K and fp8 V copies (one byte per element each).
     """
     opts = opts or DiTOptions()
     f, h, w = latent_shape
@@ -400,6 +401,7 @@ def activation_memory(cfg: DiTConfig, latent_shape: tuple[int, int, int], *, bat
         "rope": 2 * n * (cfg.head_dim // 2) * torch.empty((), dtype=opts.hi).element_size(),
         "chunk": batch * min(n, opts.chunk_tokens) * token_bytes(cfg, opts.dtype),
         "cross_kv": 2 * batch * ctx * cfg.dim * c,
+        "quantized_kv": 2 * batch * n * cfg.dim if quantized_attention else 0,
     }
     parts["peak"] = sum(v for k, v in parts.items() if k != "tokens")
     return parts

@@ -170,6 +170,18 @@ def auto_order(device: torch.device, exact_only: bool = False) -> tuple[str, ...
     return order if exact_only else sage_in_auto() + order
 
 
+def may_quantize(device: torch.device | str) -> bool:
+    """Whether this device's 16-bit attention will likely run the sage kernel (forced, or first in ``auto`` and
+    able to run here), decided without its self-check: what the memory planner counts the kernel's one-byte K/V
+    copies by. A self-check that fails later only leaves that room unused."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    device = concrete_device(device)
+    if _forced is not None:
+        return _forced.startswith("sage")
+    return any(BACKENDS[name].unavailable(device) is None for name in sage_in_auto())
+
+
 def exact_backend(device: torch.device | str) -> AttnBackend:
     """The best exact backend for ``device``: what serves the shapes a quantized backend does not take (head dims
     other than 64 and 128), whether the quantized one was forced or picked by ``auto``."""

@@ -6,6 +6,7 @@ the activation terms mirror the accounting of runtime/models/dit.py (``activatio
   activations = L*d*4 (fp32 residual) + 2*L*d*2 (self-attention K, V) + L*hd*4 (RoPE cos/sin)
               + c * max((6*4 + 4*2)*d, (3*4 + 2*2)*d + 2*2*f)  (one chunk's temporaries, self-attention or FFN)
               + B * 2*T*d*2  (cached cross-attention K/V of every block)
+              + 2*L*d  (only where attention is quantized: the sage kernel's int8 K and fp8 V copies)
   RSS  = BASE_RSS + host ring (prefetch + 2 slots) x largest unit + host cache + non-block staging
 Granularities are tried from the fastest to the leanest: ``model`` (everything resident, nothing moves), ``block`` with
 3 then 2 slots, ``phase`` with 4, 3, 2 slots; for each, chunks from the whole sequence down to PREFERRED_CHUNK. The
@@ -108,14 +109,15 @@ def latent_shape(width: int, height: int, frames: int) -> tuple[int, int, int]:
     return (frames - 1) // 4 + 1, height // 8, width // 8
 
 
-def activation_bytes(cfg: dict, tokens: int, chunk: int, blocks: int) -> int:
+def activation_bytes(cfg: dict, tokens: int, chunk: int, blocks: int, quantized_attention: bool = False) -> int:
     """Peak activation bytes of a DiT forward (see the module docstring for the terms)."""
     d, f = int(cfg["dim"]), int(cfg["ffn_dim"])
     head_dim = d // int(cfg["num_heads"])
     context = int(cfg.get("text_len", 512)) + (int(cfg.get("image_tokens", 257)) if cfg.get("model_type") == "i2v" else 0)
     per_token = max((6 * 4 + 4 * 2) * d, (3 * 4 + 2 * 2) * d + 2 * 2 * f)
     full = tokens * d * 4 + 2 * tokens * d * 2 + tokens * head_dim * 4
-    return full + min(chunk, tokens) * per_token + blocks * 2 * context * d * 2
+    quantized_kv = 2 * tokens * d if quantized_attention else 0
+    return full + min(chunk, tokens) * per_token + blocks * 2 * context * d * 2 + quantized_kv
 
 
 def detect_budgets() -> tuple[int | None, int | None]:
@@ -154,11 +156,12 @@ def spread(n_total: int, n_pick: int) -> list[int]:
 
 def plan(pack: PackComponent, *, vram_budget: int, ram_budget: int, width: int, height: int, frames: int,
          granularity: str | None = None, disk_workers: int | None = None, cache: str = "auto",
-         allow_model: bool = True, chunk: int | None = None) -> Plan:  # fmt: skip
+         allow_model: bool = True, chunk: int | None = None, quantized_attention: bool = False) -> Plan:  # fmt: skip
     """Choose the fastest plan that fits both budgets, or raise BudgetError with the minimum needed.
 
     ``granularity`` pins the unit (else the fastest that fits; ``allow_model=False`` keeps the DiT streamed),
-    ``chunk`` pins the activation chunk in tokens (else the largest that fits).
+    ``chunk`` pins the activation chunk in tokens (else the largest that fits), ``quantized_attention`` counts the
+    sage kernel's K/V copies.
     """
     cfg = pack.entry.config
     if cfg.get("kind") != "dit":
@@ -184,7 +187,7 @@ def plan(pack: PackComponent, *, vram_budget: int, ram_budget: int, width: int, 
         for gran, k in candidates:
             unit = sizes["block" if gran == "model" else gran]
             for chunk in (c for c in chunks if c >= floor):
-                act = activation_bytes(cfg, tokens, chunk, n_blocks)
+                act = activation_bytes(cfg, tokens, chunk, n_blocks, quantized_attention)
                 need = non_block + k * unit + int(act * (1 + FRAGMENTATION))
                 if need <= vram_budget:
                     best = (gran, k, unit, chunk, act, need)
@@ -196,7 +199,7 @@ def plan(pack: PackComponent, *, vram_budget: int, ram_budget: int, width: int, 
     if best is None:
         gran, k = candidates[-1]
         unit = sizes["block" if gran == "model" else gran]
-        act = activation_bytes(cfg, tokens, min(MIN_CHUNK, *chunks), n_blocks)
+        act = activation_bytes(cfg, tokens, min(MIN_CHUNK, *chunks), n_blocks, quantized_attention)
         need = non_block + k * unit + int(act * (1 + FRAGMENTATION))
         raise BudgetError(f"{width}x{height}x{frames} needs at least {need / GiB:.2f} GiB of VRAM ({gran} "
                           f"granularity, {k} slots, {min(MIN_CHUNK, tokens)}-token chunks) but the budget is "
