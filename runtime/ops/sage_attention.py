@@ -54,20 +54,19 @@ except ImportError:  # pragma: no cover - pyproject asks for triton>=3.4
 from wanpack.runtime.ops.linear import QMAX
 from wanpack.runtime.ops.triton_kernels import CACHE_TUNING
 
-HEAD_DIMS = (64, 128)  # what the kernel is built for; attention.py sends other head dims to SDPA
+HEAD_DIMS = (64, 128)  # what the kernel is built for; attention.py sends other head dims to the exact backend
 K_GROUP = 128  # tokens sharing one K scale (a multiple of every key tile, so a tile has one scale)
 ROWS = 64  # tokens per program in the Q and V pre-passes
 PAD = 128  # quantized Q, K and V are padded to a multiple of this many tokens (the largest tile and K_GROUP)
 _FP8_MAX = QMAX[torch.float8_e4m3fn]  # the kernels write 127 and 448 (linear.QMAX) as literals
 _LOG2E = 1.4426950408889634
-_MAGIC = 12582912.0  # 1.5 * 2^23: an int32 added to its bit pattern reads, as a float, 1.5 * 2^23 + the int
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Tile shapes autotuned once per (length buckets, head dim, P.V path). On an H200 (fp8 P.V, TMA loads) 64 x 128 with
-# 4 warps and 3 stages ran fastest at 32760 and 75600 tokens (779 / 773 TFLOP/s): two programs per multiprocessor
-# at ~180 registers; 128-row tiles with 8 warps hold one program and ran 17% slower. 64 x 128 with 2 stages and 64 x 64
-# fit sm89's 99 KiB of shared memory; configs over a card's shared memory are skipped by the autotuner. 128 x 64 with
-# 8 warps was the 16-bit path's pick before.
+# 4 warps and 3 stages ran fastest at 32760 and 75600 tokens (779 / 773 TFLOP/s): two programs per multiprocessor at
+# ~180 registers; 128-row tiles with 8 warps hold one program and reached 0.83x that throughput. 64 x 128 with 2
+# stages and 64 x 64 fit sm89's 99 KiB of shared memory; configs over a card's shared memory are skipped by the
+# autotuner. 128 x 64 with 8 warps was the 16-bit path's pick before.
 
 
 def _set_descriptor_blocks(nargs: dict) -> None:
@@ -317,8 +316,7 @@ def prepare_kv(k: torch.Tensor, v: torch.Tensor, pv_fp8: bool, smooth_k: bool = 
     vt = torch.empty((b * h, d, n_pad), dtype=torch.float8_e4m3fn, device=v.device)
     mean_v = mean_v.reshape(b * h, d).contiguous()
     _quant_v_fp8_kernel[(n_pad // ROWS, b * h)](v, mean_v, inv.contiguous(), vt, n, h, n_pad, v.stride(0),
-                                                    v.stride(1), v.stride(2), D=d, ROWS=ROWS,
-                                                       num_warps=4)  # fmt: skip
+                                                    v.stride(1), v.stride(2), D=d, ROWS=ROWS, num_warps=4)  # fmt: skip
     return SageKV(k8, k_scale, vt, v_scale.contiguous(), mean_v, b, h, n, True)
 
 
