@@ -201,7 +201,7 @@ def wired_pass(cfg, w, n: int, dev, opts):
 def peak_activation(cfg, w, n: int, dev, opts) -> tuple[int, int]:
     """(measured, estimated) peak bytes above the resident weights for one block at n tokens."""
     f, hh, ww = grid_for(n)
-    quantized = dev.type == "cuda" and attn_ops.attn_backend(dev).name.startswith("sage")
+    quantized = dev.type == "cuda" and attn_ops.attn_backend(dev).quantized
     estimated = dit.activation_memory(cfg, (f, hh * 2, ww * 2), opts=opts, quantized_attention=quantized)["peak"]
     if dev.type != "cuda":
         return -1, estimated

@@ -397,7 +397,7 @@ class Session:
         cfg = config_from_dict(self.manifest.component("dit").config)
         context = (cfg.text_len, cfg.image_tokens) if task == "i2v" else (cfg.text_len,)
         shapes = [s for s in attention_shapes(plan.dit.tokens, plan.ffn_chunk, context) if (batch, s) not in self._primed]
-        quantized = attn_backend(self.device).name.startswith("sage")
+        quantized = attn_backend(self.device).quantized
         if priming_bytes(shapes, batch, cfg.num_heads, cfg.head_dim, self.dtype, quantized) > ENCODER_WORKSPACE:
             return  # the text phase's room beside the slots would not hold it: step 1 plans these shapes itself
         if shapes:

@@ -47,7 +47,8 @@ class AttnBackend:
     name: str
     unavailable: Callable[[torch.device], str | None]
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Prepared | None], torch.Tensor]
-    takes: Callable[[torch.Tensor], bool] = lambda q: True  # shapes it serves; others go to SDPA
+    takes: Callable[[torch.Tensor], bool] = lambda q: True  # shapes it serves; others go to the exact backend
+    quantized: bool = False  # makes one-byte copies of q, k and v per call site (what memory plans must count)
 
 
 def _sdpa(q, k, v, prepared=None):
@@ -122,10 +123,11 @@ def _cudnn_unavailable(device: torch.device) -> str | None:
 BACKENDS: dict[str, AttnBackend] = {
     "cudnn": AttnBackend("cudnn", _cudnn_unavailable, _cudnn),
     "flash": AttnBackend("flash", _module_or_cuda("flash_attn"), _flash),
-    "sage": AttnBackend("sage", _sage_unavailable((8, 9), "fp8 tensor cores"), _sage_runner(True), _sage_takes),
+    "sage": AttnBackend("sage", _sage_unavailable((8, 9), "fp8 tensor cores"), _sage_runner(True), _sage_takes,
+                        quantized=True),  # fmt: skip
     "sage-pv16": AttnBackend("sage-pv16", _sage_unavailable((8, 0), "int8 tensor cores in Triton"),
-                             _sage_runner(False), _sage_takes),  # fmt: skip
-    "sageattn-pkg": AttnBackend("sageattn-pkg", _module_or_cuda("sageattention"), _sageattn_pkg),
+                             _sage_runner(False), _sage_takes, quantized=True),  # fmt: skip
+    "sageattn-pkg": AttnBackend("sageattn-pkg", _module_or_cuda("sageattention"), _sageattn_pkg, quantized=True),
     "sdpa": AttnBackend("sdpa", lambda device: None, _sdpa),
 }
 ATTN_CHOICES = ("auto", *BACKENDS)
@@ -179,7 +181,7 @@ def may_quantize(device: torch.device | str) -> bool:
         return False
     device = concrete_device(device)
     if _forced is not None:
-        return _forced.startswith("sage")
+        return BACKENDS[_forced].quantized
     return any(BACKENDS[name].unavailable(device) is None for name in sage_in_auto())
 
 
