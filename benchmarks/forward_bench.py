@@ -2,7 +2,8 @@
 diffusers' WanTransformer3DModel in bf16, in one process on one card.
 
 What is timed, per variant: one forward of the 40 blocks at 480p x 81 frames (21 x 60 x 104 latents, 32760 tokens)
-with a 512-token prompt, median of --iters after a warm-up. Ours is timed with the cross-attention K/V already cached,
+with a 512-token prompt, median of --iters after a warm-up; ours in token chunks of --chunk-tokens (default 8192,
+the longest the planner picks, which it does at 480p on an 8 GiB budget too). Ours is timed with the cross-attention K/V already cached,
 as every denoising step after the first runs (``wanpack run`` computes them once per prompt), and once with a cold
 cache; diffusers recomputes them on every call, as it ships. diffusers runs with its default attention (PyTorch
 SDPA's own choice) and with SDPA forced to cuDNN, the strongest exact kernel on Hopper.
@@ -28,6 +29,7 @@ from wanpack.convert.synth import random_block_weights, random_tensor
 from wanpack.manifests.arch import dit_config, dit_tensors
 from wanpack.runtime.models import dit
 from wanpack.runtime.ops import attention as attn_ops
+from wanpack.runtime.stream.planner import MAX_CHUNK
 
 LATENT = (21, 60, 104)  # 480 x 832, 81 frames
 TEXT_TOKENS = 512
@@ -126,6 +128,8 @@ def main() -> int:
     ap.add_argument("--attn", default="auto,cudnn", help="our attention backends to time, comma-separated")
     ap.add_argument("--schemes", default="int8,bf16")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--chunk-tokens", type=int, default=MAX_CHUNK,
+                    help="our token chunk (default: the planner's longest, what `wanpack run` uses where it fits)")
     ap.add_argument("--smoke", action="store_true", help="tiny 2-block model on the CPU: checks the code paths only")
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
@@ -135,7 +139,7 @@ def main() -> int:
     cfg = dit_config(args.arch, layers=2, dim_scale="tiny") if args.smoke else dit_config(args.arch)
     latent = SMOKE_LATENT if args.smoke else LATENT
     lat, t, text = inputs(cfg, dev, latent)
-    opts = dit.DiTOptions.for_budget(cfg)
+    opts = dit.DiTOptions(chunk_tokens=args.chunk_tokens)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     result = {"device": name, "arch": args.arch, "latent": latent, "smoke": args.smoke,
               "tokens": latent[0] * latent[1] // 2 * latent[2] // 2, "chunk_tokens": opts.chunk_tokens,
