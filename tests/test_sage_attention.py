@@ -55,7 +55,7 @@ for fp8 in (False, True):
         assert torch.allclose(kv.v_mean, mv, rtol=1e-6, atol=1e-6) and torch.equal(kv.v_scale, amax / 448.0)
         codes = ((vv - kv.v_mean[:, None]) * (448.0 / amax)[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
         assert kv.v.shape == (b * h, d, 256) and kv.v.dtype == torch.float8_e4m3fn
-        got = kv.v.transpose(1, 2)
+        got = kv.v[:, :, sa.key_slots(256)].transpose(1, 2)  # keys back in order
         assert torch.equal(got[:, :lk].view(torch.uint8), codes.view(torch.uint8))
         assert got[:, lk:].float().abs().max().item() == 0
     else:
@@ -86,7 +86,7 @@ def emulate(q, kv):
     kd = kv.k8[:, :lk].double() * kv.k_scale.repeat_interleave(sa.K_GROUP, dim=1)[:, :lk, None]
     p = torch.softmax((qd @ kd.transpose(1, 2)) * math.log(2), dim=-1)
     if kv.pv_fp8:
-        vd = kv.v.double().transpose(1, 2)[:, :lk] * kv.v_scale[:, None] + kv.v_mean[:, None]
+        vd = kv.v[:, :, sa.key_slots(kv.v.shape[-1])].double().transpose(1, 2)[:, :lk] * kv.v_scale[:, None] + kv.v_mean[:, None]
     else:
         vd = kv.v.double().permute(0, 2, 1, 3).reshape(b * h, lk, d)
     return (p @ vd).reshape(b, h, lq, d).transpose(1, 2)
@@ -357,3 +357,15 @@ def test_gpu_few_step_run_of_a_1_3b_shaped_pack(tmp_path):
         print(f"1.3B-shaped, 4 steps: {name} vs cudnn final latent cosine {cos:.6f} rel L2 {rel:.4f} "
               f"(bf16 vs int8 weights, both cudnn: rel L2 {moved:.4f})")  # fmt: skip
         assert torch.isfinite(got).all() and cos >= 0.99, (name, cos, rel)
+
+
+def test_key_slots_permute_within_32_key_blocks():
+    """The stored fp8 V^T key order: a permutation inside each 32-key block, the same for every block."""
+    from wanpack.runtime.ops import sage_attention as sa
+
+    slots = sa.key_slots(128)
+    assert sorted(slots.tolist()) == list(range(128))
+    assert torch.equal(slots // 32, torch.arange(128) // 32)
+    assert torch.equal(slots[32:64] - 32, slots[:32])
+    # the thread holding accumulator columns 0, 1 and 8, 9 (pairs 8 apart) feeds operand columns 0-3
+    assert slots[[0, 1, 8, 9, 16, 17, 24, 25]].tolist() == [0, 1, 2, 3, 16, 17, 18, 19]

@@ -131,6 +131,10 @@ def test_sage_attention_fp8_compiles_to_pipelined_wgmma(config):
     assert "cp.async.bulk.tensor" in ptx  # K and V tiles by TMA
     kv_tile = 2 * config.kwargs["BLOCK_N"] * 128  # one int8 K tile + one e4m3 V tile
     assert 2 * kv_tile <= kernel.metadata.shared <= SMEM_LIMIT
+    # P reaches the fp8 product in place (V's keys are stored in the operand's order): no byte permutes, and
+    # shuffles (16-18) only for the row max and row sum; moving P between threads took 16-32 more of each
+    assert "prmt.b32" not in ptx
+    assert ptx.count("shfl.sync") <= 18
 
 
 @pytest.mark.parametrize(("pv_fp8", "target", "at"), [(False, SM90, 0), (True, SM89, 1), (False, SM89, 1),

@@ -11,7 +11,7 @@
 The quantized backends change the numbers (on an H200, per call against fp32 on realistic inputs at Wan 14B sizes:
 cosine 0.99994 for self-attention, 0.9995-0.9996 for text and image cross-attention; a 14B int8 block's update error
 within 1.2x of the int8 scheme's bound). ``auto`` tries ``sage`` first where it runs (sm89+: fp8 tensor cores), since
-on that H200 it measured 1.31-1.38x cuDNN at Wan 14B's 480p and 720p self-attention (docs/PERFORMANCE.md).
+on that H200 it measured 1.41-1.46x cuDNN at Wan 14B's 480p and 720p self-attention (docs/PERFORMANCE.md).
 WANPACK_SAGE_AUTO picks what ``auto`` considers: ``0`` exact kernels only; unset or ``1`` ``sage`` first; ``all``
 also ``sage-pv16`` (meant for sm80-sm86 cards, where it has not been measured; on the H200 it ran at 1.09-1.14x
 cuDNN). Every candidate passes a self-check once per device on realistic inputs
