@@ -267,7 +267,8 @@ class SageKV:
     """Keys and values prepared for the kernel: made once per call site, used by every query chunk.
 
     k8 [B*H, LK_PAD, D] int8 (smoothed), k_scale [B*H, LK_PAD / K_GROUP] fp32; fp8 path: v [B*H, D, LK_PAD] e4m3
-    (smoothed, transposed, keys in :func:`key_slots` order) with v_scale, v_mean [B*H, D] fp32; 16-bit path: v is the caller's [B, Lk, H, D].
+    (smoothed, transposed, keys in :func:`key_slots` order) with v_scale, v_mean [B*H, D] fp32; 16-bit path: v is
+    the caller's [B, Lk, H, D].
     """
 
     k8: torch.Tensor
@@ -381,7 +382,8 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
 
 def key_slots(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Where each of n keys sits in a prepared fp8 V^T (``SageKV.v[..., key_slots(n)]`` puts the keys back in order);
-    n a multiple of 32, as the padded length is."""
+    n a multiple of 32, as the padded length is. The kernels' :func:`_key_slot` in torch; the interpreter tests read
+    V back through this, so the two cannot drift apart unnoticed."""
     key = torch.arange(n, device=device)
     low = key & 31
     return (key - low) | (low & 0b10001) | ((low & 0b00110) << 1) | ((low & 0b01000) >> 2)
