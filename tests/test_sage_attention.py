@@ -92,7 +92,7 @@ def emulate(q, kv):
     return (p @ vd).reshape(b, h, lq, d).transpose(1, 2)
 
 
-tiles = [{"BLOCK_M": 32, "BLOCK_N": 32}, {"BLOCK_M": 64, "BLOCK_N": 128}]  # 4 tiles per K group / 1
+tiles = [{"BLOCK_M": 32, "BLOCK_N": 32}, {"BLOCK_M": 64, "BLOCK_N": 128}, {"BLOCK_M": 128, "BLOCK_N": 128}]
 cases = [(2, 70, 77, 3, 64, torch.bfloat16), (1, 40, 257, 2, 128, torch.bfloat16), (1, 33, 130, 2, 64, torch.float16)]
 for b, lq, lk, h, d, dtype in cases:
     q, k, v = realistic_qkv(b, lq + 5, lk, h, d, dtype=dtype, seed=lk)

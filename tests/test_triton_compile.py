@@ -150,6 +150,20 @@ def test_sage_attention_other_paths_compile(pv_fp8, target, at):
     assert kernel.metadata.shared <= (SMEM_LIMIT if target is SM90 else SM89_SMEM_LIMIT)
 
 
+def test_sage_attention_sm89_128_row_tiles_keep_p_in_registers():
+    """Without TMA (mma.sync), 128-row tiles with 8 warps give each warp 16 whole rows, so the row max and sum need
+    only in-warp shuffles and P stays in registers; 64-row tiles put the 4 warps side by side along the keys."""
+    from wanpack.runtime.ops import sage_attention as sa
+
+    wide = next(c for c in _sage_configs() if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (128, 128))
+    wide_kernel, narrow_kernel = compile_sage(wide, True, SM89), compile_sage(_sage_configs()[1], True, SM89)
+    assert wide_kernel.asm["ptx"].count("shfl.sync") <= 18 < narrow_kernel.asm["ptx"].count("shfl.sync")
+    assert wide_kernel.metadata.shared <= SM89_SMEM_LIMIT
+    # tried only where tiles come without TMA
+    assert wide in sa._configs_for_card(_sage_configs(), {}, TMA=False)
+    assert wide not in sa._configs_for_card(_sage_configs(), {}, TMA=True)
+
+
 def test_sage_attention_head_dim_64_compiles():
     kernel = compile_sage(_sage_configs()[0], pv_fp8=True, head_dim=64)
     assert ".e4m3.e4m3" in kernel.asm["ptx"]

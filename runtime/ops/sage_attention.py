@@ -69,6 +69,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ~180 registers; 128-row tiles with 8 warps hold one program and reached 0.83x that throughput. 64 x 128 with 2
 # stages and 64 x 64 fit sm89's 99 KiB of shared memory; configs over a card's shared memory are skipped by the
 # autotuner. 128 x 64 with 8 warps was the 16-bit path's pick before.
+# Without TMA (sm80-sm89: mma.sync) Triton lays a 64-row tile's 4 warps side by side along the keys (its rule for
+# chained dots whose second product is wider than tall), so the row max and sum cross warps and P goes through
+# shared memory (PTX for sm89: 128 shuffles, P stored and reloaded); 128-row tiles with 8 warps get one warp per 16
+# rows, as on Hopper (16 shuffles, P in registers). 128 x 128 with 8 warps is tried there for that reason (not
+# measured on such a card yet); on sm90 it is left out, being one of the slower 128-row shapes on the H200.
 
 
 def _set_descriptor_blocks(nargs: dict) -> None:
@@ -85,7 +90,8 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
                          pre_hook=_set_descriptor_blocks)  # fmt: skip
 
 
-_ATTN_CONFIGS = [_config(64, 128, 4, 3), _config(64, 128, 4, 2), _config(64, 64, 4, 3), _config(128, 64, 8, 4)]
+_ATTN_CONFIGS = [_config(64, 128, 4, 3), _config(64, 128, 4, 2), _config(64, 64, 4, 3), _config(128, 64, 8, 4),
+                 _config(128, 128, 8, 2)]
 _INTERPRET_TILE = {"BLOCK_M": 32, "BLOCK_N": 32}  # the interpreter cannot time configs; small tiles keep it quick
 
 
@@ -255,8 +261,16 @@ def _bench_quickly(kernel_call, quantiles):
 
 
 # The winners are kept in Triton's disk cache where it can (as for the GEMM): tuning took ~11 s per process.
+def _configs_for_card(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The autotuner's pruning: 128 x 128 tiles only where tiles come without TMA (see the note on the configs)."""
+    if kwargs.get("TMA", named_args.get("TMA")):
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (128, 128)]
+    return configs
+
+
 _tuned_attn = triton.autotune(configs=_ATTN_CONFIGS, key=["LQ_BUCKET", "LK_BUCKET", "D", "PV_FP8", "TMA"],
-                              do_bench=_bench_quickly, **CACHE_TUNING)(_sage_attn_kernel)  # fmt: skip
+                              prune_configs_by={"early_config_prune": _configs_for_card}, do_bench=_bench_quickly,
+                              **CACHE_TUNING)(_sage_attn_kernel)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ host side
