@@ -68,9 +68,10 @@ def diffusers_model(cfg, dev):
 
 
 def inputs(cfg, dev, latent):
+    """bf16 latents and prompt embedding (what both models are called with), and a timestep."""
     gen = torch.Generator(device=dev).manual_seed(0)
-    lat = torch.randn(1, cfg.in_dim, *latent, device=dev, generator=gen)
-    text = torch.randn(1, TEXT_TOKENS, cfg.text_dim, device=dev, generator=gen)
+    lat = torch.randn(1, cfg.in_dim, *latent, device=dev, generator=gen).bfloat16()
+    text = torch.randn(1, TEXT_TOKENS, cfg.text_dim, device=dev, generator=gen).bfloat16()
     return lat, torch.tensor([937.0], device=dev), text
 
 
@@ -80,18 +81,18 @@ def time_ours(cfg, weights, lat, t, text, attn: str, iters: int, opts) -> dict[s
         cache: dict = {}
         t0 = time.perf_counter()
         with torch.no_grad():
-            dit.forward(weights, cfg, lat.bfloat16(), t, text.bfloat16(), kv_cache=cache, opts=opts)
+            dit.forward(weights, cfg, lat, t, text, kv_cache=cache, opts=opts)
         if lat.is_cuda:
             torch.cuda.synchronize()
         first = time.perf_counter() - t0
 
         def step():
             with torch.no_grad():
-                dit.forward(weights, cfg, lat.bfloat16(), t, None, kv_cache=cache, opts=opts)
+                dit.forward(weights, cfg, lat, t, None, kv_cache=cache, opts=opts)
 
         def cold_step():
             with torch.no_grad():
-                dit.forward(weights, cfg, lat.bfloat16(), t, text.bfloat16(), opts=opts)
+                dit.forward(weights, cfg, lat, t, text, opts=opts)
 
         warm = median_seconds(step, iters)
         cold = median_seconds(cold_step, 1, warmup=0)
@@ -109,7 +110,7 @@ def time_diffusers(model, lat, t, text, iters: int, backend: str) -> dict[str, f
 
     def call():
         with torch.no_grad():
-            model(lat.bfloat16(), t, text.bfloat16(), return_dict=False)
+            model(lat, t, text, return_dict=False)
 
     try:
         if backend == "cudnn":

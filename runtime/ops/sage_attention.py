@@ -396,11 +396,9 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
 
 def key_slots(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Where each of n keys sits in a prepared fp8 V^T (``SageKV.v[..., key_slots(n)]`` puts the keys back in order);
-    n a multiple of 32, as the padded length is. The kernels' :func:`_key_slot` in torch; the interpreter tests read
-    V back through this, so the two cannot drift apart unnoticed."""
-    key = torch.arange(n, device=device)
-    low = key & 31
-    return (key - low) | (low & 0b10001) | ((low & 0b00110) << 1) | ((low & 0b01000) >> 2)
+    n a multiple of 32, as the padded length is. It runs the kernels' own :func:`_key_slot` (plain bit operations)
+    on torch integers, so the host and the kernels share one definition."""
+    return _key_slot.fn(torch.arange(n, device=device))
 
 
 def uses_tma(device: torch.device) -> bool:
