@@ -292,3 +292,38 @@ def test_concurrent_gemms_from_two_threads_match_one_thread():
         assert len(got[i]) == 20
         for outs in got[i]:
             assert all(torch.equal(a, b) for a, b in zip(alone, outs, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "plain-loads"])
+def test_triton_int8_gemm_matches_exact_product_on_gpu(tma, monkeypatch):
+    """Both ways the GEMM takes its tiles (TMA descriptors on sm90+, plain loads elsewhere) against the exact int8
+    product, at DiT widths and at ragged shapes (rows and columns past a tile, a K that TMA cannot take)."""
+    tk = pytest.importorskip("wanpack.runtime.ops.triton_kernels")
+    dev = torch.device("cuda")
+    if tma and not tk.uses_tma(dev):
+        pytest.skip("no TMA on this card")
+    monkeypatch.setattr(tk, "uses_tma", lambda device: tma)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    # one K per path keeps the autotuner's compiles few; N and M vary (ragged last tiles both ways)
+    for m, k, n in ((1000, 5120, 5120), (4100, 5120, 13824), (77, 5120, 1000), (300, 200, 264)):
+        q = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8, generator=gen)
+        w = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8, generator=gen)
+        s = torch.rand(m, 1, device=dev, generator=gen) / 1000
+        ws = torch.rand(n, 1, device=dev, generator=gen) / 1000
+        b = torch.randn(n, device=dev, generator=gen).to(torch.bfloat16)
+        out = tk.int8_gemm(q, s, w, ws, b, torch.bfloat16)
+        assert tk._tma_ready(q, w) == (tma and k % 16 == 0)
+        exact = torch._int_mm(q, w.t()).double() * s.double() * ws.double().t() + b.double()  # int32 sums: exact
+        err = (out.double() - exact).abs() / exact.abs().clamp_min(1e-3)
+        assert err.max().item() <= 2**-8, (m, k, n, err.max().item())  # bf16 rounding of the result only
+
+
+def test_autotuned_kernels_keep_their_tuning_results_on_disk():
+    """Triton writes no tuning results to disk for configs with a pre-hook: every process would re-tune every GEMM
+    and attention shape (measured: ~10 s more in a 480p `wanpack run` on an H200, text phase and first step)."""
+    tk = pytest.importorskip("wanpack.runtime.ops.triton_kernels")
+    from wanpack.runtime.ops import sage_attention as sa
+
+    for configs in (tk._GEMM_CONFIGS, sa._ATTN_CONFIGS):
+        assert configs and not any(config.pre_hook for config in configs)

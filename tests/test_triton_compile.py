@@ -31,7 +31,8 @@ GEMM_SIG = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*bf16", "as_ptr": "*fp32",
 @pytest.mark.parametrize("config", tk._GEMM_CONFIGS, ids=lambda c: "x".join(str(v) for v in c.kwargs.values()))
 @pytest.mark.parametrize("k", [5120, 13824])
 def test_int8_gemm_compiles_to_pipelined_wgmma(config, k):
-    kernel = compile_sm90(tk._int8_gemm_kernel, GEMM_SIG, {"K": k, "HAS_BIAS": True, "EVEN_K": True, **config.kwargs},
+    kernel = compile_sm90(tk._int8_gemm_kernel, GEMM_SIG, {"K": k, "HAS_BIAS": True, "EVEN_K": True, "TMA": False,
+                                                          **config.kwargs},
                           num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
     assert "wgmma" in kernel.asm["ptx"]
     tile = (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) * config.kwargs["BLOCK_K"]
@@ -39,8 +40,23 @@ def test_int8_gemm_compiles_to_pipelined_wgmma(config, k):
     assert kernel.metadata.shared <= SMEM_LIMIT
 
 
+@pytest.mark.parametrize("config", tk._GEMM_CONFIGS, ids=lambda c: "x".join(str(v) for v in c.kwargs.values()))
+def test_int8_gemm_tma_path_compiles_for_sm90(config):
+    """As sm90 launches it: A and B tiles by TMA (descriptors made in the kernel), not by the threads' loads, and
+    every config within shared memory."""
+    bm, bn, bk = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    kernel = compile_sm90(tk._int8_gemm_kernel, GEMM_SIG, {"K": 5120, "HAS_BIAS": True, "EVEN_K": True, "TMA": True,
+                                                      **config.kwargs}, num_warps=config.num_warps,
+                          num_stages=config.num_stages)  # fmt: skip
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and ".s32.s8.s8" in ptx
+    assert "cp.async.bulk.tensor.2d.shared" in ptx and "tensormap" in ptx  # tiles arrive by TMA
+    assert "ld.global.v4" not in ptx  # and not by the threads' vector loads
+    assert 2 * (bm + bn) * bk <= kernel.metadata.shared <= SMEM_LIMIT
+
+
 def test_int8_gemm_ragged_k_compiles():
-    compile_sm90(tk._int8_gemm_kernel, GEMM_SIG, {"K": 200, "HAS_BIAS": False, "EVEN_K": False,
+    compile_sm90(tk._int8_gemm_kernel, GEMM_SIG, {"K": 200, "HAS_BIAS": False, "EVEN_K": False, "TMA": False,
                                                   **tk._GEMM_CONFIGS[0].kwargs}, num_warps=8, num_stages=3)  # fmt: skip
 
 
@@ -91,11 +107,10 @@ SM89 = GPUTarget("cuda", 89, 32)
 SM89_SMEM_LIMIT = 99 * 1024
 
 
-def sage_sig(pv_fp8: bool, tma: bool = False, block_n: int = 128, head_dim: int = 128) -> dict[str, str]:
-    """The kernel's signature as the launcher types it: with TMA (sm90), K and fp8 V are descriptors of one tile."""
-    k = f"tensordesc<i8[{block_n}, {head_dim}]>" if tma else "*i8"
-    v = (f"tensordesc<fp8e4nv[{head_dim}, {block_n}]>" if tma else "*fp8e4nv") if pv_fp8 else "*bf16"
-    return {"q_ptr": "*i8", "qs_ptr": "*fp32", "k_ptr": k, "ks_ptr": "*fp32", "v_ptr": v, "vs_ptr": "*fp32",
+def sage_sig(pv_fp8: bool) -> dict[str, str]:
+    """The kernel's signature as the launcher types it (with TMA the kernel makes its own descriptors)."""
+    v = "*fp8e4nv" if pv_fp8 else "*bf16"
+    return {"q_ptr": "*i8", "qs_ptr": "*fp32", "k_ptr": "*i8", "ks_ptr": "*fp32", "v_ptr": v, "vs_ptr": "*fp32",
             "vm_ptr": "*fp32", "o_ptr": "*bf16", "H": "i32", "Lq": "i32", "Lk": "i32", "LQ_PAD": "i32",
             "LK_PAD": "i32", "stride_vb": "i32", "stride_vl": "i32", "stride_vh": "i32", "stride_ob": "i32",
             "stride_ol": "i32", "stride_oh": "i32", "LQ_BUCKET": "i32", "LK_BUCKET": "i32"}  # fmt: skip
@@ -107,7 +122,7 @@ def compile_sage(config, pv_fp8: bool, target: GPUTarget = SM90, head_dim: int =
 
     tma = target.arch >= 90
     const = {"D": head_dim, "K_GROUP": sa.K_GROUP, "PV_FP8": pv_fp8, "TMA": tma, **config.kwargs}
-    sig = sage_sig(pv_fp8, tma, config.kwargs["BLOCK_N"], head_dim)
+    sig = sage_sig(pv_fp8)
     return compile_sm90(sa._sage_attn_kernel, sig, const, target, num_warps=config.num_warps,
                         num_stages=config.num_stages)  # fmt: skip
 

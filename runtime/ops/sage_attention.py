@@ -21,9 +21,9 @@ Algorithm, per (batch, head):
      accumulator (on the H200 chaining measured the same error as a fresh fp32 sum per tile, at fewer registers).
      Epilogue: acc * v_scale / l + v_mean.
    - 16-bit (``pv_fp8=False``): P rounded to V's own dtype, dot with the caller's V, fp32 accumulation.
-   On Hopper (sm90) K and fp8 V tiles arrive by the tensor-memory accelerator (host-made tensor descriptors): it
-   took ~50 registers per thread off the kernel, so more programs share each multiprocessor and one's softmax
-   overlaps another's tensor-core work; elsewhere they are plain loads.
+   On Hopper (sm90) K and fp8 V tiles arrive by the tensor-memory accelerator (descriptors each program makes for
+   its head): it took ~50 registers per thread off the kernel, so more programs share each multiprocessor and one's
+   softmax overlaps another's tensor-core work; elsewhere they are plain loads.
 
 Zero groups get scale 1 (their codes are 0), so no scale is ever 0 and a masked -inf logit never meets a 0 scale.
 K lengths that are not a multiple of the key tile are handled by masking the last tile (the quantized K and V are
@@ -48,13 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # host-side TMA descriptors (Triton 3.4+)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - pyproject asks for triton>=3.4
-    TensorDescriptor = None
-
 from wanpack.runtime.ops.linear import QMAX
-from wanpack.runtime.ops.triton_kernels import CACHE_TUNING
+from wanpack.runtime.ops.triton_kernels import CACHE_TUNING, allow_kernel_descriptors, uses_tma
 
 HEAD_DIMS = (64, 128)  # what the kernel is built for; attention.py sends other head dims to the exact backend
 K_GROUP = 128  # tokens sharing one K scale (a multiple of every key tile, so a tile has one scale)
@@ -76,18 +71,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # measured on such a card yet); on sm90 it is left out, being one of the slower 128-row shapes on the H200.
 
 
-def _set_descriptor_blocks(nargs: dict) -> None:
-    """Autotuner pre-hook: a TMA descriptor's block is the config's key tile (host descriptors carry their block)."""
-    n, d = nargs["BLOCK_N"], nargs["D"]
-    if TensorDescriptor is not None and isinstance(nargs["k_ptr"], TensorDescriptor):
-        nargs["k_ptr"].block_shape = [n, d]
-    if TensorDescriptor is not None and isinstance(nargs["v_ptr"], TensorDescriptor):
-        nargs["v_ptr"].block_shape = [d, n]
-
-
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
-                         pre_hook=_set_descriptor_blocks)  # fmt: skip
+    # no pre_hook (see triton_kernels.allow_kernel_descriptors): the winners stay in Triton's disk cache
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
 _ATTN_CONFIGS = [_config(64, 128, 4, 3), _config(64, 128, 4, 2), _config(64, 64, 4, 3), _config(128, 64, 8, 4),
@@ -167,17 +153,16 @@ def _operand_order(p, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _sage_tile(acc, l_i, m_i, q, q_scale, k_src, ks_base, v_src, stride_vl, start, Lk, k_row, v_row, LK_PAD,
+def _sage_tile(acc, l_i, m_i, q, q_scale, k_src, ks_base, v_src, stride_vl, start, Lk, LK_PAD,
                D: tl.constexpr, K_GROUP: tl.constexpr, PV_FP8: tl.constexpr, TMA: tl.constexpr,
                MASK: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """One key tile of the online softmax: updates (acc [BM, D] fp32, l_i, m_i [BM] fp32) with keys start..+BLOCK_N.
 
-    k_src / v_src: TMA descriptors over the 2-D views (TMA) or this head's base pointers; k_row / v_row: this head's
-    first row in the descriptors' views."""
+    k_src / v_src: this head's K [LK_PAD, D] and V, as TMA descriptors (TMA) or base pointers."""
     offs_n = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     if TMA:
-        k = k_src.load([k_row + start, 0])  # [BN, D] int8
+        k = k_src.load([start, 0])  # [BN, D] int8
     else:
         k = tl.load(k_src + offs_n[:, None] * D + d[None, :])  # zero-padded: no mask
     # 1.5 * 2^23 + S as a float, exactly (|S| < 2^22: int8 x int8 over D <= 256); the compiler folds the add into
@@ -196,7 +181,7 @@ def _sage_tile(acc, l_i, m_i, q, q_scale, k_src, ks_base, v_src, stride_vl, star
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if PV_FP8:
         if TMA:
-            vt = v_src.load([v_row, start])  # [D, BN] e4m3, zero-padded
+            vt = v_src.load([0, start])  # [D, BN] e4m3, zero-padded
         else:
             vt = tl.load(v_src + d[:, None] * LK_PAD + offs_n[None, :])
         acc = tl.dot(_operand_order(p.to(tl.float8e4nv), BLOCK_N), tl.trans(vt), acc * alpha[:, None])
@@ -219,7 +204,7 @@ def _sage_attn_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, o_ptr
 
     q [BH, LQ_PAD, D] int8 with qs [BH, LQ_PAD] (base-2 logit scale folded in); k [BH, LK_PAD, D] int8 smoothed with
     ks [BH, LK_PAD / K_GROUP]; PV_FP8: v [BH, D, LK_PAD] e4m3 with vs, vm [BH, D] (scale, mean), else v is the
-    caller's [B, Lk, H, D] tensor. TMA: k (and fp8 v) are descriptors over [BH * LK_PAD, D] (and [BH * D, LK_PAD]).
+    caller's [B, Lk, H, D] tensor. TMA: K and fp8 V^T tiles arrive by descriptors the kernel makes per head.
     LQ_BUCKET / LK_BUCKET only key the autotuner.
     """
     tl.static_assert(K_GROUP % BLOCK_N == 0)
@@ -230,11 +215,14 @@ def _sage_attn_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, o_ptr
     q = tl.load(q_ptr + (bh * LQ_PAD + offs_m)[:, None] * D + d[None, :])
     q_scale = tl.load(qs_ptr + bh * LQ_PAD + offs_m)
     ks_base = ks_ptr + bh * (LK_PAD // K_GROUP)
-    k_row = (bh * LK_PAD).to(tl.int32)
-    v_row = (bh * D).to(tl.int32)
-    k_src = k_ptr if TMA else k_ptr + bh * LK_PAD * D
-    if PV_FP8:
-        v_src = v_ptr if TMA else v_ptr + bh * D * LK_PAD
+    if TMA:  # descriptors of this head's K and V^T, made here (triton_kernels.allow_kernel_descriptors says why)
+        k_src = tl.make_tensor_descriptor(k_ptr + bh * LK_PAD * D, [LK_PAD, D], [D, 1], [BLOCK_N, D])
+    else:
+        k_src = k_ptr + bh * LK_PAD * D
+    if PV_FP8 and TMA:
+        v_src = tl.make_tensor_descriptor(v_ptr + bh * D * LK_PAD, [D, LK_PAD], [LK_PAD, 1], [D, BLOCK_N])
+    elif PV_FP8:
+        v_src = v_ptr + bh * D * LK_PAD
     else:
         v_src = v_ptr + (bh // H) * stride_vb + (bh % H) * stride_vh
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -242,11 +230,11 @@ def _sage_attn_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, o_ptr
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     full = (Lk // BLOCK_N) * BLOCK_N
     for start in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _sage_tile(acc, l_i, m_i, q, q_scale, k_src, ks_base, v_src, stride_vl, start, Lk, k_row,
-                                   v_row, LK_PAD, D, K_GROUP, PV_FP8, TMA, False, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _sage_tile(acc, l_i, m_i, q, q_scale, k_src, ks_base, v_src, stride_vl, start, Lk, LK_PAD, D,
+                                   K_GROUP, PV_FP8, TMA, False, BLOCK_N)  # fmt: skip
     if full < Lk:
-        acc, l_i, m_i = _sage_tile(acc, l_i, m_i, q, q_scale, k_src, ks_base, v_src, stride_vl, full, Lk, k_row,
-                                   v_row, LK_PAD, D, K_GROUP, PV_FP8, TMA, True, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _sage_tile(acc, l_i, m_i, q, q_scale, k_src, ks_base, v_src, stride_vl, full, Lk, LK_PAD, D,
+                                   K_GROUP, PV_FP8, TMA, True, BLOCK_N)  # fmt: skip
     out = acc * (1.0 / l_i)[:, None]  # fp8: l_i sums 448 * numerators, as acc does
     if PV_FP8:
         out = out * tl.load(vs_ptr + bh * D + d)[None, :] + tl.load(vm_ptr + bh * D + d)[None, :]
@@ -371,15 +359,11 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
     if tile is None and _INTERPRET:
         tile = _INTERPRET_TILE
     tma = uses_tma(q.device)
-    k_src, v_src = kv.k8, kv.v
-    if tma:  # blocks are placeholders until the tile is known (the autotuner's pre-hook sets them)
-        block_n = tile["BLOCK_N"] if tile is not None else PAD
-        k_src = TensorDescriptor.from_tensor(kv.k8.reshape(-1, d), [block_n, d])
-        if pv_fp8:
-            v_src = TensorDescriptor.from_tensor(kv.v.reshape(-1, kv.v.shape[-1]), [d, block_n])
+    if tma:
+        allow_kernel_descriptors()
     v_strides = (0, 0, 0) if kv.pv_fp8 else (kv.v.stride(0), kv.v.stride(1), kv.v.stride(2))
     dummy = q_scale  # any pointer: the 16-bit path reads no V scale or mean
-    args = (q8, q_scale, k_src, kv.k_scale, v_src, kv.v_scale if pv_fp8 else dummy, kv.v_mean if pv_fp8 else dummy,
+    args = (q8, q_scale, kv.k8, kv.k_scale, kv.v, kv.v_scale if pv_fp8 else dummy, kv.v_mean if pv_fp8 else dummy,
             out, h, lq, kv.length, q8.shape[1], kv.k8.shape[1], *v_strides, out.stride(0), out.stride(1),
             out.stride(2), min(triton.next_power_of_2(lq), 65536), min(triton.next_power_of_2(kv.length), 65536))  # fmt: skip
     # fused multiply-adds keep the exp2 argument's rounding at one step (Triton 3.10 stops fusing by default)
@@ -399,12 +383,6 @@ def key_slots(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     n a multiple of 32, as the padded length is. It runs the kernels' own :func:`_key_slot` (plain bit operations)
     on torch integers, so the host and the kernels share one definition."""
     return _key_slot.fn(torch.arange(n, device=device))
-
-
-def uses_tma(device: torch.device) -> bool:
-    """Whether K / V tiles come by TMA descriptors: Hopper and newer, compiled (the interpreter loads plainly)."""
-    return (TensorDescriptor is not None and not _INTERPRET and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)  # fmt: skip
 
 
 def tuned_configs() -> dict[str, str]:

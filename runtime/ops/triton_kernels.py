@@ -20,17 +20,45 @@ import triton.language as tl
 
 from wanpack.runtime.ops.linear import gemm_rows_bucket
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def uses_tma(device: torch.device) -> bool:
+    """Whether kernels take tiles by TMA descriptors here: Hopper and newer, compiled (the interpreter loads plainly)."""
+    return (hasattr(tl, "make_tensor_descriptor") and not _INTERPRET and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)  # fmt: skip
+
+
+def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global memory for the TMA descriptors kernels make for themselves (128 bytes per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def allow_kernel_descriptors() -> None:
+    """Give Triton the allocator that kernels making TMA descriptors need; a context variable, so each calling
+    thread sets it. Descriptors are made in the kernels rather than on the host because a host descriptor carries
+    its tile shape, which only an autotuner pre-hook can set per config, and Triton keeps no tuning results on disk
+    for configs with a pre-hook (every process then re-tuned every shape: ~10 s of a 480p run on an H200)."""
+    triton.set_allocator(_descriptor_scratch)
+
+
+def _gemm_config(block_m: int, block_n: int, block_k: int, stages: int, warps: int) -> triton.Config:
+    # no pre_hook (see allow_kernel_descriptors): the winners stay in Triton's disk cache
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                         num_stages=stages, num_warps=warps)  # fmt: skip
+
+
 # Hopper-leaning tile shapes; autotuned once per (N, K, M bucket). BLOCK_K divides both 5120 and 13824.
 # (The deeper-pipelined variants were added after the first H100 run; the autotuner keeps whichever is fastest.)
 _GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=5, num_warps=8),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=5, num_warps=8),
+    _gemm_config(128, 256, 128, 3, 8),
+    _gemm_config(256, 128, 128, 3, 8),
+    _gemm_config(128, 128, 128, 4, 8),
+    _gemm_config(64, 128, 128, 4, 4),
+    _gemm_config(128, 256, 128, 4, 8),
+    _gemm_config(256, 128, 128, 4, 8),
+    _gemm_config(128, 256, 64, 5, 8),
+    _gemm_config(256, 128, 64, 5, 8),
 ]
 
 
@@ -97,10 +125,14 @@ def quantize_rows(x2d: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.T
 def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K: tl.constexpr, M_BUCKET,
                       stride_am, stride_bn, stride_cm, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):  # fmt: skip
+                      GROUP_M: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     """C[M, N] = (A[M, K] int8 @ B[N, K]^T int8) * a_scale[M] * b_scale[N] + bias[N], int32 accumulation.
 
     K is a compile-time constant: a DiT has two (dim and ffn_dim), and a fixed trip count lets the loop pipeline.
+    TMA: the A and B tiles move by the copy engine (descriptors made in the kernel; rows past M or N and columns
+    past K read as 0) instead of the threads' loads. The result still leaves by the threads' own stores: on an H200
+    (benchmarks/linear_probe.py, 2026-12-01) a TMA store of C was 3% slower over a block's GEMMs at 8190-token
+    chunks.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -112,23 +144,31 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K: tl
     pid_n = (pid % per_group) // group_rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    rows_a = (offs_m % M).to(tl.int64)  # wrap instead of masking; the store is masked
-    rows_b = (offs_n % N).to(tl.int64)
-    a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + rows_b[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K contiguous
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_left = K - k0
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    if TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
+        b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, BLOCK_K])
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            b = b_desc.load([pid_n * BLOCK_N, k0])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        rows_a = (offs_m % M).to(tl.int64)  # wrap instead of masking; the store is masked
+        rows_b = (offs_n % N).to(tl.int64)
+        a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + rows_b[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K contiguous
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_left = K - k0
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
     a_s = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
     b_s = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
     c = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
@@ -138,14 +178,13 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K: tl
     tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Autotuning times every config (~1 s per shape) in every new process; where Triton can keep the winner in its disk
 # cache, a second `wanpack run` starts with tuned GEMMs instead of paying that again for each of a dozen shapes.
 CACHE_TUNING = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 def _make_gemm_tuner():
-    return triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K"], **CACHE_TUNING)(_int8_gemm_kernel)
+    return triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "TMA"], **CACHE_TUNING)(_int8_gemm_kernel)
 
 
 # Triton's autotuner keeps per-call state on itself, so two threads must not run one tuner at once. With the tuning
@@ -168,6 +207,11 @@ def _gemm_tuner():
     return tuner, contextlib.nullcontext()
 
 
+def _tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides (K int8 values)."""
+    return uses_tma(a.device) and all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (a, b))
+
+
 def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """a [M, K] int8, a_scale [M, 1], b [N, K] int8 (the weight as stored), b_scale [N, 1] -> [M, N] out_dtype."""
@@ -186,14 +230,17 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    tma = _tma_ready(a, b)
+    if tma:
+        allow_kernel_descriptors()
     args = (a, b, c, a_s, b_s, bias_arg, m, n, k, m_bucket, a.stride(0), b.stride(0), c.stride(0))
     if _INTERPRET:  # the interpreter cannot time configs: one small fixed tile keeps CPU tests quick
         tile = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
-        _int8_gemm_kernel[grid(tile)](*args, HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0, **tile)
+        _int8_gemm_kernel[grid(tile)](*args, HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0, TMA=False, **tile)
     else:
         tuner, turns = _gemm_tuner()
         with turns:
-            tuner[grid](*args, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
+            tuner[grid](*args, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0, TMA=tma)
     return c
 
 
