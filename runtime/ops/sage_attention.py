@@ -41,7 +41,6 @@ pointer-load path (``tests/test_sage_attention.py``).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +48,7 @@ import triton
 import triton.language as tl
 
 from wanpack.runtime.ops.linear import QMAX
-from wanpack.runtime.ops.triton_kernels import CACHE_TUNING, allow_kernel_descriptors, uses_tma
+from wanpack.runtime.ops.triton_kernels import CACHE_TUNING, INTERPRET, allow_kernel_descriptors, uses_tma
 
 HEAD_DIMS = (64, 128)  # what the kernel is built for; attention.py sends other head dims to the exact backend
 K_GROUP = 128  # tokens sharing one K scale (a multiple of every key tile, so a tile has one scale)
@@ -57,7 +56,6 @@ ROWS = 64  # tokens per program in the Q and V pre-passes
 PAD = 128  # quantized Q, K and V are padded to a multiple of this many tokens (the largest tile and K_GROUP)
 _FP8_MAX = QMAX[torch.float8_e4m3fn]  # the kernels write 127 and 448 (linear.QMAX) as literals
 _LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Tile shapes autotuned once per (length buckets, head dim, P.V path). On an H200 (fp8 P.V, TMA loads) 64 x 128 with
 # 4 warps and 3 stages ran fastest at 32760 and 75600 tokens (779 / 773 TFLOP/s): two programs per multiprocessor at
@@ -215,16 +213,15 @@ def _sage_attn_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, o_ptr
     q = tl.load(q_ptr + (bh * LQ_PAD + offs_m)[:, None] * D + d[None, :])
     q_scale = tl.load(qs_ptr + bh * LQ_PAD + offs_m)
     ks_base = ks_ptr + bh * (LK_PAD // K_GROUP)
-    if TMA:  # descriptors of this head's K and V^T, made here (triton_kernels.allow_kernel_descriptors says why)
-        k_src = tl.make_tensor_descriptor(k_ptr + bh * LK_PAD * D, [LK_PAD, D], [D, 1], [BLOCK_N, D])
-    else:
-        k_src = k_ptr + bh * LK_PAD * D
-    if PV_FP8 and TMA:
-        v_src = tl.make_tensor_descriptor(v_ptr + bh * D * LK_PAD, [D, LK_PAD], [LK_PAD, 1], [D, BLOCK_N])
-    elif PV_FP8:
+    k_src = k_ptr + bh * LK_PAD * D
+    if PV_FP8:
         v_src = v_ptr + bh * D * LK_PAD
     else:
         v_src = v_ptr + (bh // H) * stride_vb + (bh % H) * stride_vh
+    if TMA:  # descriptors of this head's K and V^T, made here (triton_kernels.allow_kernel_descriptors says why)
+        k_src = tl.make_tensor_descriptor(k_src, [LK_PAD, D], [D, 1], [BLOCK_N, D])
+        if PV_FP8:
+            v_src = tl.make_tensor_descriptor(v_src, [D, LK_PAD], [LK_PAD, 1], [D, BLOCK_N])
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -356,7 +353,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
         raise ValueError(f"q {tuple(q.shape)} does not match the prepared K/V (batch {kv.batch}, heads {kv.heads})")
     q8, q_scale = quantize_queries(q)
     out = torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device)
-    if tile is None and _INTERPRET:
+    if tile is None and INTERPRET:
         tile = _INTERPRET_TILE
     tma = uses_tma(q.device)
     if tma:

@@ -20,12 +20,12 @@ import triton.language as tl
 
 from wanpack.runtime.ops.linear import gemm_rows_bucket
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # kernels run on CPU tensors (how CI checks them)
 
 
 def uses_tma(device: torch.device) -> bool:
     """Whether kernels take tiles by TMA descriptors here: Hopper and newer, compiled (the interpreter loads plainly)."""
-    return (hasattr(tl, "make_tensor_descriptor") and not _INTERPRET and device.type == "cuda"
+    return (hasattr(tl, "make_tensor_descriptor") and not INTERPRET and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)  # fmt: skip
 
 
@@ -117,7 +117,7 @@ def quantize_rows(x2d: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.T
     block = triton.next_power_of_2(k)
     warps = 8 if block >= 4096 else 4
     _quant_rows_kernel[(m,)](x2d, q, scale, k, x2d.stride(0), q.stride(0), QMAX=127.0 if scheme == "int8" else 448.0,
-                             IS_INT8=scheme == "int8", NATIVE=not _INTERPRET, BLOCK=block, num_warps=warps)  # fmt: skip
+                             IS_INT8=scheme == "int8", NATIVE=not INTERPRET, BLOCK=block, num_warps=warps)  # fmt: skip
     return q, scale
 
 
@@ -234,7 +234,7 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     if tma:
         allow_kernel_descriptors()
     args = (a, b, c, a_s, b_s, bias_arg, m, n, k, m_bucket, a.stride(0), b.stride(0), c.stride(0))
-    if _INTERPRET:  # the interpreter cannot time configs: one small fixed tile keeps CPU tests quick
+    if INTERPRET:  # the interpreter cannot time configs: one small fixed tile keeps CPU tests quick
         tile = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
         _int8_gemm_kernel[grid(tile)](*args, HAS_BIAS=bias is not None, EVEN_K=k % 32 == 0, TMA=False, **tile)
     else:
@@ -347,7 +347,7 @@ def _layer_norm_launch(x, eps, out_dtype, shift, scale, weight, bias, qdtype, wr
                              n, x.stride(0), x.stride(1), c if modulate else 0, out.stride(0), q.stride(0), eps, C=c,
                              MODULATE=modulate, AFFINE=weight is not None, QUANT=quant,
                              QMAX=127.0 if qdtype == torch.int8 else 448.0, IS_INT8=qdtype == torch.int8,
-                             WRITE_OUT=write_out, NATIVE=not _INTERPRET, BLOCK=triton.next_power_of_2(c),
+                             WRITE_OUT=write_out, NATIVE=not INTERPRET, BLOCK=triton.next_power_of_2(c),
                              num_warps=8 if c >= 4096 and not quant else 4)  # fmt: skip
     return (out.view(b, n, c) if write_out else None), q, qs
 
