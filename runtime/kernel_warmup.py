@@ -25,6 +25,7 @@ import torch
 from wanpack.manifests.format import Manifest
 
 ENCODER_ROWS = {"t5": 512, "clip": 257}  # tokens per encoder call (the T5 pads to 512; CLIP sees 257 patches)
+BIASED = {"clip", "dit"}  # components whose linears have biases (T5's have none)
 CONTEXT_ROWS = 512  # text tokens the DiT's cross-attention keys/values come from, where its config does not say
 PRELOAD_JOIN_S = 30.0  # a preload is seconds of hashing; the bound only guards against a stuck file system
 QUANTIZED = {"I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn}  # manifest dtype names of quantized weights
@@ -88,7 +89,8 @@ class KernelWarmup:
                 for name, per_item in ENCODER_ROWS.items():
                     rows = per_item * (self.batch if name == "t5" else 1)  # one image, but [prompt, negative]
                     for out, inp, qdtype in sorted(self._shapes[name], key=str):
-                        self._step(f"{name} {rows}x{inp}->{out}", lambda a=(rows, out, inp, qdtype): self._gemm(*a))
+                        self._step(f"{name} {rows}x{inp}->{out}",
+                                   lambda a=(rows, out, inp, qdtype, name in BIASED): self._gemm(*a))  # fmt: skip
                 self.seconds["encoders"] = round(time.perf_counter() - t0, 3)
                 self._stages["encoders"].set()
                 self._warm_dit()
@@ -100,6 +102,7 @@ class KernelWarmup:
             self.seconds["total"] = round(time.perf_counter() - t0, 3)
 
     def _warm_dit(self) -> None:
+        from wanpack.runtime.ops.activations import fused_gelu_quant
         from wanpack.runtime.ops.norms import fused_norm_quant, fused_norms
 
         entry = self.manifest.components.get("dit")
@@ -107,9 +110,15 @@ class KernelWarmup:
         context = int(config.get("text_len", CONTEXT_ROWS))
         for rows in sorted({(self.dit_tokens or context) * self.batch, context * self.batch}):
             for out, inp, qdtype in sorted(self._shapes["dit"], key=str):
-                self._step(f"dit {rows}x{inp}->{out}", lambda a=(rows, out, inp, qdtype): self._gemm(*a))
+                self._step(f"dit {rows}x{inp}->{out}", lambda a=(rows, out, inp, qdtype, True): self._gemm(*a))
         width = int(config.get("dim", 0))
+        rows = self.dit_tokens or context  # a residual add runs once per batch entry
+        for out, inp, qdtype in sorted(self._shapes["dit"], key=str):
+            if out == width:  # the linears that end in the residual stream: attention outputs, ffn.2
+                self._step(f"dit add {rows}x{inp}->{out}", lambda a=(rows, out, inp, qdtype): self._gemm_add(*a))
+        ffn = int(config.get("ffn_dim", 0))
         self._step("norms", lambda: fused_norms(self.device) and width and fused_norm_quant(self.device, width))
+        self._step("gelu", lambda: ffn and fused_gelu_quant(self.device, ffn))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -123,15 +132,29 @@ class KernelWarmup:
 
         return gemm_backend(qdtype, self.device).name
 
-    def _gemm(self, tokens: int, out: int, inp: int, qdtype: torch.dtype) -> None:
-        """One quantized linear of the given shape on zeros, through the backend the run will use."""
+    def _gemm(self, tokens: int, out: int, inp: int, qdtype: torch.dtype, bias: bool) -> None:
+        """One quantized linear of the given shape on zeros, through the backend the run will use (with a bias
+        where the model's linears have one: that is a different compiled kernel)."""
         from wanpack.runtime.ops.linear import linear
 
         rows = warm_rows(tokens)
         x = torch.zeros((rows, inp), dtype=self.dtype, device=self.device)
         w = torch.zeros((out, inp), dtype=torch.int8, device=self.device).to(qdtype)
         scale = torch.ones((out, 1), dtype=torch.float32, device=self.device)
-        linear(x, w, None, scale)
+        linear(x, w, torch.zeros(out, dtype=self.dtype, device=self.device) if bias else None, scale)
+
+
+    def _gemm_add(self, tokens: int, out: int, inp: int, qdtype: torch.dtype) -> None:
+        """One residual add through that linear (fused into the GEMM where the backend can) on zeros."""
+        from wanpack.runtime.ops.linear import linear_add_
+
+        rows = warm_rows(tokens)
+        x = torch.zeros((1, rows, inp), dtype=self.dtype, device=self.device)
+        w = torch.zeros((out, inp), dtype=torch.int8, device=self.device).to(qdtype)
+        scale = torch.ones((out, 1), dtype=torch.float32, device=self.device)
+        stream = torch.zeros((1, rows, out), dtype=torch.float32, device=self.device)
+        bias = torch.zeros(out, dtype=self.dtype, device=self.device)  # every DiT linear has one
+        linear_add_(stream, x, w, bias, scale, torch.ones((1, 1, out), dtype=torch.float32, device=self.device))
 
 
 def _import_kernels() -> None:

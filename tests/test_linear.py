@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from interp import run_in_triton_interpreter
+from interp import INTERPRETER_FIXES, run_in_triton_interpreter
 
 from wanpack.convert.quantize import dequantize_weight, quantize_weight
 from wanpack.errors import UsageError, WanpackError
@@ -240,6 +240,53 @@ def test_triton_int8_kernels_in_interpreter():
     run_in_triton_interpreter(_TRITON_SCRIPT)
 
 
+_GEMM_ADD_SCRIPT = INTERPRETER_FIXES + r"""
+import torch
+from wanpack.runtime.ops import triton_kernels as tk
+gen = torch.Generator().manual_seed(1)
+for batch, rows, k, n, gate_rows, dtype in ((1, 70, 96, 40, 1, torch.float32), (2, 37, 80, 72, 2, torch.float32),
+                                            (2, 45, 64, 33, 0, torch.bfloat16)):
+    q = torch.randint(-127, 128, (batch * rows, k), dtype=torch.int8, generator=gen)
+    s = torch.rand(batch * rows, 1, generator=gen) / 50
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    ws = torch.rand(n, 1, generator=gen) / 50
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    gate = torch.randn(gate_rows, 1, n, generator=gen) if gate_rows else None
+    stream = torch.randn(batch, rows + 20, n, generator=gen).to(dtype)  # the chunk is tokens 10..10+rows
+    before = stream.clone()
+    tk.int8_gemm_add_(stream[:, 10 : 10 + rows], q, s, w, ws, bias, gate)
+    y = ((q.double() @ w.double().t()) * s.double() * ws.double().t() + bias.double()).reshape(batch, rows, n)
+    ref = before[:, 10 : 10 + rows].double() + (y if gate is None else gate.double() * y)
+    got = stream[:, 10 : 10 + rows].double()
+    tol = (1e-6 if dtype == torch.float32 else 2**-8) * ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= tol, (batch, rows, (got - ref).abs().max().item())
+    assert torch.equal(stream[:, :10], before[:, :10]) and torch.equal(stream[:, 10 + rows :], before[:, 10 + rows :])
+print("ok")
+"""
+
+
+def test_triton_gemm_residual_add_in_interpreter():
+    """The GEMM's residual epilogue (out += gate * product) on chunks of a residual stream: batch 1 and 2, a gate
+    per batch entry, one shared, none; fp32 and bf16 streams; tokens outside the chunk untouched."""
+    run_in_triton_interpreter(_GEMM_ADD_SCRIPT)
+
+
+def test_linear_add_without_a_fused_backend_is_linear_then_add():
+    """On CPU (dequant backend) linear_add_ is the linear in x's dtype followed by the fp32 add."""
+    from wanpack.runtime.ops.linear import add_scaled_, linear, linear_add_
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 32, generator=gen).to(torch.bfloat16)
+    w = torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=gen)
+    ws = torch.rand(16, 1, generator=gen) / 100
+    gate = torch.randn(2, 1, 16, generator=gen)
+    out = torch.randn(2, 9, 16, generator=gen)
+    want = out.clone()
+    add_scaled_(want, linear(x, w, None, ws), gate)
+    linear_add_(out, x, w, None, ws, gate)
+    assert torch.equal(out, want)
+
+
 def test_gemm_autotuners_are_per_thread_where_tuning_results_are_kept():
     """Two threads launching int8 GEMMs (a session's warm-up beside the main thread) never share an autotuner's
     per-call state: each gets its own when Triton keeps tuning results on disk, else they share one and take turns."""
@@ -247,10 +294,12 @@ def test_gemm_autotuners_are_per_thread_where_tuning_results_are_kept():
 
     pytest.importorskip("triton")
     tk = pytest.importorskip("wanpack.runtime.ops.triton_kernels")
-    here, here_again = tk._gemm_tuner(), tk._gemm_tuner()
+    here, here_again = tk._gemm_tuner(False), tk._gemm_tuner(False)
     assert here[0] is here_again[0]
+    residual = tk._gemm_tuner(True)[0]
+    assert residual is not here[0] and residual.restore_value == ["c_ptr"] and not here[0].restore_value
     other = []
-    thread = threading.Thread(target=lambda: other.append(tk._gemm_tuner()))
+    thread = threading.Thread(target=lambda: other.append(tk._gemm_tuner(False)))
     thread.start()
     thread.join()
     if tk.CACHE_TUNING:
@@ -317,6 +366,42 @@ def test_triton_int8_gemm_matches_exact_product_on_gpu(tma, monkeypatch):
         exact = torch._int_mm(q, w.t()).double() * s.double() * ws.double().t() + b.double()  # int32 sums: exact
         err = (out.double() - exact).abs() / exact.abs().clamp_min(1e-3)
         assert err.max().item() <= 2**-8, (m, k, n, err.max().item())  # bf16 rounding of the result only
+
+
+@pytest.mark.gpu
+def test_fused_residual_add_adds_once_while_autotuning_on_gpu(monkeypatch):
+    """linear_add_ through the Triton backend against the exact int8 product: a fresh tuner (no results on disk)
+    times every config on the real stream, so this also proves the autotuner puts the stream back after each
+    timing (one update, not dozens). Batch 2 with a gate per entry, and the DiT's width."""
+    import contextlib
+
+    tk = pytest.importorskip("wanpack.runtime.ops.triton_kernels")
+    dev = torch.device("cuda")
+    monkeypatch.setattr(tk, "CACHE_TUNING", {})
+    fresh = {True: tk._make_gemm_tuner(True), False: tk._make_gemm_tuner(False)}
+    monkeypatch.setattr(tk, "_gemm_tuner", lambda residual: (fresh[residual], contextlib.nullcontext()))
+    lin.set_gemm_backend("triton")
+    try:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        for batch, rows, k, n in ((1, 1000, 5120, 5120), (2, 300, 512, 264)):
+            x = torch.randn(batch, rows, k, device=dev, generator=gen).to(torch.bfloat16)
+            w = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8, generator=gen)
+            ws = torch.rand(n, 1, device=dev, generator=gen) / 1000
+            bias = torch.randn(n, device=dev, generator=gen).to(torch.bfloat16)
+            gate = torch.randn(batch, 1, n, device=dev, generator=gen)
+            stream = torch.randn(batch, rows + 16, n, device=dev, generator=gen)
+            before = stream.clone()
+            lin.linear_add_(stream[:, 8 : 8 + rows], x, w, bias, ws, gate)
+            q, xs = lin.quantize_activation(x.reshape(-1, k), torch.int8)
+            exact = torch._int_mm(q, w.t()).double() * xs.double() * ws.double().t() + bias.double()
+            ref = before[:, 8 : 8 + rows].double() + gate.double() * exact.reshape(batch, rows, n)
+            err = (stream[:, 8 : 8 + rows].double() - ref).abs().max().item() / ref.abs().max().item()
+            assert err <= 1e-6, (batch, rows, k, n, err)
+            outside = (slice(None), [*range(8), *range(8 + rows, rows + 16)])
+            assert torch.equal(stream[outside], before[outside])
+        assert fresh[True].cache, "the fused add did not go through the residual tuner"
+    finally:
+        lin.set_gemm_backend("auto")
 
 
 def test_autotuned_kernels_keep_their_tuning_results_on_disk():

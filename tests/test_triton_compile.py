@@ -25,14 +25,15 @@ def compile_sm90(fn, sig: dict[str, str], const: dict, target: GPUTarget = SM90,
 
 
 GEMM_SIG = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*bf16", "as_ptr": "*fp32", "bs_ptr": "*fp32", "bias_ptr": "*bf16",
-            "M": "i32", "N": "i32", "M_BUCKET": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32"}
+            "gate_ptr": "*fp32", "M": "i32", "N": "i32", "M_BUCKET": "i32", "stride_am": "i32", "stride_bn": "i32",
+            "stride_cm": "i32"}
 
 
 @pytest.mark.parametrize("config", tk._GEMM_CONFIGS, ids=lambda c: "x".join(str(v) for v in c.kwargs.values()))
 @pytest.mark.parametrize("k", [5120, 13824])
 def test_int8_gemm_compiles_to_pipelined_wgmma(config, k):
     kernel = compile_sm90(tk._int8_gemm_kernel, GEMM_SIG, {"K": k, "HAS_BIAS": True, "EVEN_K": True, "TMA": False,
-                                                          **config.kwargs},
+                                                          "RESIDUAL": False, "STREAM_TMA": False, **config.kwargs},
                           num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
     assert "wgmma" in kernel.asm["ptx"]
     tile = (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) * config.kwargs["BLOCK_K"]
@@ -46,7 +47,8 @@ def test_int8_gemm_tma_path_compiles_for_sm90(config):
     every config within shared memory."""
     bm, bn, bk = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     kernel = compile_sm90(tk._int8_gemm_kernel, GEMM_SIG, {"K": 5120, "HAS_BIAS": True, "EVEN_K": True, "TMA": True,
-                                                      **config.kwargs}, num_warps=config.num_warps,
+                                                      "RESIDUAL": False, "STREAM_TMA": False, **config.kwargs},
+                          num_warps=config.num_warps,
                           num_stages=config.num_stages)  # fmt: skip
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx and ".s32.s8.s8" in ptx
@@ -57,7 +59,44 @@ def test_int8_gemm_tma_path_compiles_for_sm90(config):
 
 def test_int8_gemm_ragged_k_compiles():
     compile_sm90(tk._int8_gemm_kernel, GEMM_SIG, {"K": 200, "HAS_BIAS": False, "EVEN_K": False, "TMA": False,
-                                                  **tk._GEMM_CONFIGS[0].kwargs}, num_warps=8, num_stages=3)  # fmt: skip
+                                                  "RESIDUAL": False, "STREAM_TMA": False, **tk._GEMM_CONFIGS[0].kwargs},
+                 num_warps=8, num_stages=3)  # fmt: skip
+
+
+_RESIDUAL_CASES = [(c, 5120, True) for c in tk._GEMM_CONFIGS] + [(tk._GEMM_CONFIGS[0], 13824, True),
+                                                                   (tk._GEMM_CONFIGS[0], 5120, False)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("config", "k", "stream_tma"), _RESIDUAL_CASES,
+                         ids=lambda v: "x".join(str(x) for x in v.kwargs.values()) if hasattr(v, "kwargs") else str(v))
+def test_int8_gemm_residual_epilogue_compiles_for_sm90(config, k, stream_tma):
+    """The variant that adds into the fp32 residual stream (self_attn.o, cross_attn.o at K 5120; ffn.2 at 13824),
+    as sm90 launches it: TMA tiles, the stream's tile by TMA too (by the threads where the stream is unaligned),
+    every config within shared memory."""
+    sig = {**GEMM_SIG, "c_ptr": "*fp32"}
+    kernel = compile_sm90(tk._int8_gemm_kernel, sig, {"K": k, "HAS_BIAS": True, "EVEN_K": True, "TMA": True,
+                                                      "RESIDUAL": True, "STREAM_TMA": stream_tma, **config.kwargs},
+                          num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor.2d.shared" in ptx
+    if stream_tma:  # the stream's tile: read and written back by TMA
+        assert "cp.async.bulk.tensor.2d.global.shared" in ptx and "st.global" not in ptx
+    else:
+        assert "ld.global" in ptx and "st.global" in ptx
+    assert kernel.metadata.shared <= SMEM_LIMIT
+
+
+@pytest.mark.parametrize("qdtype", ["*i8", "*fp8e4nv"])
+def test_gelu_quant_compiles_without_a_division_per_element(qdtype):
+    """GELU + quantize for the 14B FFN width: the row's two IEEE divisions, and GELU's per-element one only in its
+    fast form (an IEEE division per element made the first quantizers compute-bound)."""
+    sig = {"h_ptr": "*bf16", "out_ptr": "*bf16", "q_ptr": qdtype, "s_ptr": "*fp32", "K": "i32", "stride_h": "i32",
+           "stride_o": "i32", "stride_q": "i32"}  # fmt: skip
+    const = {"QMAX": 127.0 if qdtype == "*i8" else 448.0, "IS_INT8": qdtype == "*i8", "WRITE_OUT": False,
+             "NATIVE": True, "BLOCK": 16384}  # fmt: skip
+    ptx = compile_sm90(tk._gelu_quant_kernel, sig, const, num_warps=8).asm["ptx"]
+    assert ptx.count("div.rn.f32") <= 6 and "mul.rn.f32" in ptx
+    assert "ex2.approx" in ptx
 
 
 @pytest.mark.parametrize("scheme,block", [("int8", 16384), ("fp8", 8192)])

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from wanpack.errors import UsageError
 from wanpack.manifests.arch import DiTConfig
 from wanpack.runtime.models.rope import rope_tables
-from wanpack.runtime.models.weight_dict import apply_linear, block_view, need
+from wanpack.runtime.models.weight_dict import apply_linear, apply_linear_add_, block_view, need
+from wanpack.runtime.ops.activations import gelu_quantized
 from wanpack.runtime.ops.attention import attention
 from wanpack.runtime.ops.linear import QMAX, Activation, QuantizedActivation, gemm_backend, reads_quantized_only
 from wanpack.runtime.ops.norms import layer_norm, layer_norm_quantized, rms_norm_rope
@@ -69,6 +70,11 @@ Modulation = tuple[torch.Tensor, ...]  # (shift, scale, gate) x (self-attn, ffn)
 
 def _lin(w: Weights, name: str, x: Activation) -> torch.Tensor:
     return apply_linear(w, name, x, "dit", bias=True)  # every Wan DiT Linear has a bias
+
+
+def _lin_add(w: Weights, name: str, x: Activation, out: torch.Tensor, gate: torch.Tensor | None = None) -> None:
+    """out += Linear ``name``(x) (* gate): a residual add, fused into the GEMM where the backend can."""
+    apply_linear_add_(w, name, x, out, "dit", gate, bias=True)
 
 
 def token_chunks(n: int, size: int) -> Iterator[slice]:
@@ -122,23 +128,20 @@ def _modulated_norm_for(w: Weights, names: tuple[str, ...], x: torch.Tensor, shi
     return _norm_for(w, names, x, eps, opts, shift=shift, scale=scale)
 
 
+def _gelu_for(w: Weights, names: tuple[str, ...], h: torch.Tensor) -> QuantizedActivation:
+    """GELU (tanh) of h as the input of the linears ``names``: with W8A8 weights on CUDA one kernel writes the
+    quantized copy they read (and the GELU itself only if something else reads it), as :func:`_norm_for` does."""
+    qdtype = _input_quant_dtype(w, names, h.device)
+    keep = not _quantized_only(w, names, qdtype, h.device, h.shape[0] * h.shape[1])
+    return gelu_quantized(h, qdtype, keep_plain=keep)
+
+
 def _qk_norm(y: torch.Tensor, weight: torch.Tensor, cfg: DiTConfig, opts: DiTOptions,
              rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """RMS norm over the full width (across heads) in hi, times its gain, RoPE'd when given -> [B, L, H, hd]."""
     cos, sin = rope if rope is not None else (None, None)
     out = rms_norm_rope(y, weight, cfg.eps, opts.dtype, opts.hi, cfg.head_dim, cos, sin)
     return out.unflatten(-1, (cfg.num_heads, cfg.head_dim))
-
-
-def _add_residual(xs: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None) -> None:
-    """xs += y (* gate) accumulated in at least fp32; xs is a view of the residual stream."""
-    wide = xs if xs.dtype == torch.promote_types(xs.dtype, torch.float32) else xs.float()
-    if gate is None:
-        wide.add_(y)
-    else:
-        wide.addcmul_(y, gate)
-    if wide is not xs:
-        xs.copy_(wide)
 
 
 def block_weights(weights: Weights, index: int) -> dict[str, torch.Tensor]:
@@ -248,7 +251,7 @@ def self_attn_phase(w: Weights, x: torch.Tensor, e0: torch.Tensor, rope: tuple[t
         xn = _modulated_norm_for(w, ("self_attn.q",), x[:, s], shift, scale, cfg.eps, opts)
         q = _qk_norm(_lin(w, "self_attn.q", xn), w["self_attn.norm_q.weight"], cfg, opts, (cos[s], sin[s]))
         o = attention(q, k, v, prepared).flatten(2)
-        _add_residual(x[:, s], _lin(w, "self_attn.o", o), gate)
+        _lin_add(w, "self_attn.o", o, x[:, s], gate)
     return mod
 
 
@@ -279,7 +282,7 @@ def cross_attn_phase(w: Weights, x: torch.Tensor, kv: CrossKV, cfg: DiTConfig, o
         o = attention(q, kv.k, kv.v)
         if kv.k_img is not None:
             o = o + attention(q, kv.k_img, kv.v_img)
-        _add_residual(x[:, s], _lin(w, "cross_attn.o", o.flatten(2)))
+        _lin_add(w, "cross_attn.o", o.flatten(2), x[:, s])
 
 
 def ffn_phase(w: Weights, x: torch.Tensor, mod: Modulation, cfg: DiTConfig, opts: DiTOptions) -> None:
@@ -287,9 +290,9 @@ def ffn_phase(w: Weights, x: torch.Tensor, mod: Modulation, cfg: DiTConfig, opts
     shift, scale, gate = mod[3], mod[4], mod[5]
     for s in token_chunks(x.shape[1], opts.chunk_tokens):
         xn = _modulated_norm_for(w, ("ffn.0",), x[:, s], shift, scale, cfg.eps, opts)
-        h = F.gelu(_lin(w, "ffn.0", xn), approximate="tanh")
+        h = _lin(w, "ffn.0", xn)
         del xn
-        _add_residual(x[:, s], _lin(w, "ffn.2", h), gate)
+        _lin_add(w, "ffn.2", _gelu_for(w, ("ffn.2",), h), x[:, s], gate)
 
 
 def block_forward(w: Weights, x: torch.Tensor, e0: torch.Tensor, rope, kv: CrossKV, cfg: DiTConfig,

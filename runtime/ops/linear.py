@@ -52,6 +52,8 @@ class GemmBackend:
     dtypes: tuple[torch.dtype, ...]
     unavailable: Callable[[torch.device], str | None]
     run: Callable[[Activation, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # x2d or its wrapper
+    # out += gate * product in one pass, where the backend can (see linear_add_); None: the GEMM, then a torch add
+    add_into: Callable[..., None] | None = None
 
 
 # ----------------------------------------------------------------------------------------------- availability
@@ -267,6 +269,13 @@ def _run_triton_int8(a, weight, scale, bias):
     return triton_kernels.int8_gemm(q, xs, weight, scale, bias, a.dtype)
 
 
+def _add_triton_int8(out, a, weight, scale, bias, gate):
+    from wanpack.runtime.ops import triton_kernels
+
+    q, xs = _quantized(a, torch.int8)
+    triton_kernels.int8_gemm_add_(out, q, xs, weight, scale, bias, gate)
+
+
 def _run_scaled_mm(a, weight, scale, bias):
     q, xs = _quantized(a, torch.float8_e4m3fn)
     if _cublaslt_refuses(q, weight, 16):
@@ -292,7 +301,7 @@ def _run_sgl(a, weight, scale, bias):
 _INT8, _FP8 = torch.int8, torch.float8_e4m3fn
 BACKENDS: dict[str, GemmBackend] = {
     "sgl": GemmBackend("sgl", (_INT8, _FP8), _sgl_unavailable, _run_sgl),
-    "triton": GemmBackend("triton", (_INT8,), _triton_unavailable, _run_triton_int8),
+    "triton": GemmBackend("triton", (_INT8,), _triton_unavailable, _run_triton_int8, _add_triton_int8),
     "int_mm": GemmBackend("int_mm", (_INT8,), _int_mm_unavailable, _run_int_mm),
     "scaled_mm": GemmBackend("scaled_mm", (_FP8,), _scaled_mm_unavailable, _run_scaled_mm),
     "dequant": GemmBackend("dequant", (_INT8, _FP8), lambda device: None, _run_dequant),
@@ -387,6 +396,47 @@ def linear(x: Activation, weight: torch.Tensor, bias: torch.Tensor | None = None
     a = x if isinstance(x, QuantizedActivation) else x.reshape(-1, x.shape[-1])
     y = gemm_backend(weight.dtype, device).run(a, weight, scale, bias)
     return y.reshape(*lead, weight.shape[0])
+
+
+def add_scaled_(out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None) -> None:
+    """out += y (* gate), summed in at least fp32 (out may be a view, e.g. a chunk of the DiT's residual stream)."""
+    wide = out if out.dtype == torch.promote_types(out.dtype, torch.float32) else out.float()
+    if gate is None:
+        wide.add_(y)
+    else:
+        wide.addcmul_(y, gate)
+    if wide is not out:
+        out.copy_(wide)
+
+
+def _fusable_add(out: torch.Tensor, rows: int, n: int, gate: torch.Tensor | None) -> bool:
+    """Whether a backend's fused add can take this out [B, L, N] and gate [B or 1, 1, N]."""
+    if out.dim() != 3 or out.shape[-1] != n or out.shape[0] * out.shape[1] != rows or out.stride(-1) != 1:
+        return False
+    if not out.dtype.is_floating_point or out.dtype == torch.float64:
+        return False
+    return gate is None or (gate.dim() == 3 and gate.shape[1:] == (1, n) and gate.shape[0] in (1, out.shape[0]))
+
+
+def linear_add_(out: torch.Tensor, x: Activation, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> None:  # fmt: skip
+    """out += linear(x, weight, bias, scale) (* gate), in place: the DiT's gated residual add.
+
+    out [B, L, out] (a view of the residual stream), x [B, L, in] or its QuantizedActivation, gate [B or 1, 1, out].
+    Where the GEMM backend has a fused form (Triton int8) the product is added in the GEMM's epilogue in fp32 and
+    never stored; elsewhere it is the linear in x's dtype, then :func:`add_scaled_`.
+    """
+    if scale is not None and weight.dtype in QMAX and _fusable_add(out, _rows_of(x), weight.shape[0], gate):
+        backend = gemm_backend(weight.dtype, out.device)
+        if backend.add_into is not None:
+            a = x if isinstance(x, QuantizedActivation) else x.reshape(-1, x.shape[-1])
+            backend.add_into(out, a, weight, scale, bias, gate)
+            return
+    add_scaled_(out, linear(x, weight, bias, scale), gate)
+
+
+def _rows_of(x: Activation) -> int:
+    return x.rows if isinstance(x, QuantizedActivation) else x.numel() // max(1, x.shape[-1])
 
 
 def reads_quantized_only(weight_dtype: torch.dtype, device: torch.device | str, rows: int) -> bool:
