@@ -24,3 +24,14 @@ def test_dit_bench_smoke(tmp_path):
     assert data["attention_tflops"]["sdpa"]["300"] > 0
     assert all(r["block_s_by_attn"]["sdpa"] > 0 for r in data["rows"])
     assert errs["int8+sdpa"] == errs["int8"]  # sdpa is what the CPU runs anyway
+
+
+def test_block_fusions_bench_smoke():
+    """The fused/unfused block A/B on CPU: no backend fuses there, so both paths must give the same block output."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "benchmarks/block_fusions.py", "--smoke", "--iters", "1"]
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    row = next(line.split() for line in res.stdout.splitlines() if line.split()[:1] == ["256"])
+    assert float(row[-1]) == 0.0 and all(float(v.removesuffix("ms")) > 0 for v in row[2:5])
+    assert "kernels of one fused int8 + sage block" in res.stdout
