@@ -174,8 +174,10 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, gate_ptr, M
 
     RESIDUAL: C is read and C += gate[N] * that product instead (C in any float dtype, the sum in fp32): the
     DiT's gated residual add, done in the epilogue so the product never goes to memory (see :func:`int8_gemm_add_`).
-    STREAM_TMA (with RESIDUAL): C's tile moves by TMA too. Compiled for sm90, threads' loads and stores of an fp32
-    C need a 64-bit address per element beside the accumulator and C's tile, and spill at 128 x 128 tiles.
+    STREAM_TMA (with RESIDUAL): C's tile moves by TMA too. By the threads' loads and stores an fp32 C tile needs a
+    64-bit address per element next to the accumulator and C's own values: compiled for sm90 (Triton 3.9) the
+    128 x 128 config then spills 48 bytes per thread and with TMA none (128 x 256 spills 424 bytes either way). On
+    an H200 the TMA epilogue was the faster one at 3 of 4 DiT shapes (benchmarks/block_fusions.py).
 
     K is a compile-time constant: a DiT has two (dim and ffn_dim), and a fixed trip count lets the loop pipeline.
     TMA: the A and B tiles move by the copy engine (descriptors made in the kernel; rows past M or N and columns
@@ -335,8 +337,8 @@ def int8_gemm_add_(out: torch.Tensor, a: torch.Tensor, a_scale: torch.Tensor, b:
 
     out is a view of the DiT's residual stream (any batch and token strides, unit channel stride); gate is None or
     [B or 1, 1, N]. Against the GEMM into a 16-bit y and then out.addcmul_(y, gate) this skips writing and reading
-    y back (8190 x 5120 on an H200: 0.50 ms against 0.58) and y's rounding to 16 bits. One launch per batch entry,
-    so each launch has one gate row and its rows one token stride.
+    y back (8190 x 5120 x 5120 on an H200: 0.56 ms against 0.83-0.85) and y's rounding to 16 bits. One launch per
+    batch entry, so each launch has one gate row and its rows one token stride.
     """
     batch, rows, n = out.shape
     if a.shape[0] != batch * rows or b.shape[0] != n or out.stride(-1) != 1:
