@@ -132,28 +132,30 @@ class KernelWarmup:
 
         return gemm_backend(qdtype, self.device).name
 
+    def _scratch_linear(self, out: int, inp: int, qdtype: torch.dtype):
+        """(zero weight [out, inp] in qdtype, unit scales, zero bias): a linear of that shape to launch on zeros."""
+        w = torch.zeros((out, inp), dtype=torch.int8, device=self.device).to(qdtype)
+        scale = torch.ones((out, 1), dtype=torch.float32, device=self.device)
+        return w, scale, torch.zeros(out, dtype=self.dtype, device=self.device)
+
     def _gemm(self, tokens: int, out: int, inp: int, qdtype: torch.dtype, bias: bool) -> None:
         """One quantized linear of the given shape on zeros, through the backend the run will use (with a bias
         where the model's linears have one: that is a different compiled kernel)."""
         from wanpack.runtime.ops.linear import linear
 
-        rows = warm_rows(tokens)
-        x = torch.zeros((rows, inp), dtype=self.dtype, device=self.device)
-        w = torch.zeros((out, inp), dtype=torch.int8, device=self.device).to(qdtype)
-        scale = torch.ones((out, 1), dtype=torch.float32, device=self.device)
-        linear(x, w, torch.zeros(out, dtype=self.dtype, device=self.device) if bias else None, scale)
-
+        w, scale, zero_bias = self._scratch_linear(out, inp, qdtype)
+        x = torch.zeros((warm_rows(tokens), inp), dtype=self.dtype, device=self.device)
+        linear(x, w, zero_bias if bias else None, scale)
 
     def _gemm_add(self, tokens: int, out: int, inp: int, qdtype: torch.dtype) -> None:
-        """One residual add through that linear (fused into the GEMM where the backend can) on zeros."""
+        """One residual add through that linear (fused into the GEMM where the backend can) on zeros; every DiT
+        linear has a bias."""
         from wanpack.runtime.ops.linear import linear_add_
 
+        w, scale, bias = self._scratch_linear(out, inp, qdtype)
         rows = warm_rows(tokens)
         x = torch.zeros((1, rows, inp), dtype=self.dtype, device=self.device)
-        w = torch.zeros((out, inp), dtype=torch.int8, device=self.device).to(qdtype)
-        scale = torch.ones((out, 1), dtype=torch.float32, device=self.device)
         stream = torch.zeros((1, rows, out), dtype=torch.float32, device=self.device)
-        bias = torch.zeros(out, dtype=self.dtype, device=self.device)  # every DiT linear has one
         linear_add_(stream, x, w, bias, scale, torch.ones((1, 1, out), dtype=torch.float32, device=self.device))
 
 

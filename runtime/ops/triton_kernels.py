@@ -278,14 +278,14 @@ def _gemm_tuner(residual: bool):
     return tuners[residual], contextlib.nullcontext()
 
 
-def _tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """TMA needs 16-byte aligned bases and row strides (K int8 values)."""
-    return uses_tma(a.device) and all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (a, b))
-
-
 def _aligned_rows(t: torch.Tensor) -> bool:
     """A base and a row stride in 16-byte units, as a TMA descriptor needs."""
     return t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+
+
+def _tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the int8 A and B tiles can move by TMA here (16-byte aligned bases and rows of K values)."""
+    return uses_tma(a.device) and _aligned_rows(a) and _aligned_rows(b)
 
 
 def _unit_columns(t: torch.Tensor) -> torch.Tensor:
